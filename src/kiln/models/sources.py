@@ -1,0 +1,151 @@
+"""Turn what the user typed (a folder, a hub id, a single checkpoint file) into a loaded model.
+
+Each model family implements `LoadedModel`: the exporter asks it for component specs and
+export modules, one component at a time, and for the support files (configs, tokenizers,
+scheduler) that the runtime needs to rebuild the library's pipeline around the artifact.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.errors import SourceError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from kiln.models.spec import ComponentSpec
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where a model came from, as recorded in the manifest."""
+
+    id: str
+    kind: str  # "folder", "hub" or "single-file"
+    revision: str  # hub commit, or "sha256:<hex>" of the weight files
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "kind": self.kind, "revision": self.revision}
+
+
+class LoadedModel(abc.ABC):
+    """A source model in memory, split into exportable components."""
+
+    family: str
+    source: SourceInfo
+
+    @abc.abstractmethod
+    def specs(self) -> dict[str, ComponentSpec]:
+        """Every exportable component, in export order."""
+
+    @abc.abstractmethod
+    def export_module(self, component: str) -> torch.nn.Module:
+        """A module with tensor-only inputs and outputs in the spec's order."""
+
+    @abc.abstractmethod
+    def release(self, component: str) -> None:
+        """Drop the component's weights once exported, to bound peak memory."""
+
+    @abc.abstractmethod
+    def model_info(self) -> dict[str, Any]:
+        """Family-specific facts the runtime needs (architecture, scale factors, ...)."""
+
+    @abc.abstractmethod
+    def save_support_files(self, folder: Path) -> None:
+        """Write configs, tokenizers and schedulers: everything but weights."""
+
+
+def load_source(source: str | os.PathLike[str], *, config: str | None = None) -> LoadedModel:
+    """Load a model from a local folder, a single checkpoint file, or a hub id."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return _load_single_file(path, config)
+    if path.is_dir():
+        return _load_folder(path, SourceInfo(str(path.resolve()), "folder", folder_hash(path)))
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        return _load_hub(text)
+    raise SourceError(
+        f"source {text} does not exist (expected a model folder, a .safetensors file or a hub id)"
+    )
+
+
+def _load_folder(path: Path, info: SourceInfo) -> LoadedModel:
+    if (path / "model_index.json").is_file():
+        from kiln.models.stable_diffusion import StableDiffusionModel
+
+        return StableDiffusionModel.from_folder(path, info)
+    if (path / "config.json").is_file():
+        architectures = _read_json(path / "config.json").get("architectures") or ["unknown"]
+        raise UnsupportedModelError(
+            f"{path} holds a {architectures[0]} model; this kiln compiles Stable Diffusion pipelines"
+        )
+    raise SourceError(
+        f"{path} is not a model folder (no model_index.json or config.json); "
+        "pass a diffusers pipeline folder, a .safetensors checkpoint or a hub id"
+    )
+
+
+def _load_single_file(path: Path, config: str | None) -> LoadedModel:
+    from kiln.models.single_file import content_hash, load_single_file_pipeline
+    from kiln.models.stable_diffusion import StableDiffusionModel
+
+    pipeline = load_single_file_pipeline(path, config=config)
+    info = SourceInfo(str(path.resolve()), "single-file", f"sha256:{content_hash(path)}")
+    return StableDiffusionModel(pipeline, info)
+
+
+def _load_hub(repo_id: str) -> LoadedModel:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise SourceError(f"{repo_id} is not a local path and HF_HUB_OFFLINE is set")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"],
+            ignore_patterns=[
+                "*.fp16.safetensors",
+                "*non_ema*",
+                "*.ckpt",
+                "*/diffusion_pytorch_model.bin",
+            ],
+        )
+    except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
+        raise SourceError(
+            f"could not fetch {repo_id} from the model hub: {type(exc).__name__}: {exc}"
+        ) from None
+    revision = Path(folder).name  # snapshot folders are named by commit hash
+    return _load_folder(Path(folder), SourceInfo(repo_id, "hub", revision))
+
+
+def folder_hash(path: Path) -> str:
+    """A content hash of a model folder: every file's path, size and modification time.
+
+    Hashing gigabytes of weights on every export would dominate small exports, so this hashes
+    file metadata; single-file checkpoints, which users rename and copy, are hashed in full.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(
+            f"{file.relative_to(path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+        )
+    return f"meta-sha256:{digest.hexdigest()}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path} is not valid JSON ({exc})") from None

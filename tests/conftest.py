@@ -1,0 +1,48 @@
+"""Session fixtures: tiny models are built and exported once per test run.
+
+Nothing here touches the network: models come from `kiln.models.tiny` (random weights,
+locally written tokenizers) and are loaded back from disk like real ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from kiln.models.tiny import save_pipeline  # noqa: E402
+
+TINY_SD = ("sd1", "sd2", "sdxl", "sd1-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {preset: save_pipeline(preset, root / preset, seed=0) for preset in TINY_SD}
+
+
+class _Artifacts:
+    """Exports a tiny model on first request and keeps the artifact for the session."""
+
+    def __init__(self, models: dict[str, Path], root: Path) -> None:
+        self.models, self.root, self.cache = models, root, {}
+
+    def __getitem__(self, preset: str) -> Path:
+        if preset not in self.cache:
+            import kiln
+
+            out = self.root / preset
+            kiln.export(self.models[preset], out)
+            self.cache[preset] = out
+        return self.cache[preset]
+
+
+@pytest.fixture(scope="session")
+def artifacts(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> _Artifacts:
+    return _Artifacts(tiny_models, tmp_path_factory.mktemp("artifacts"))

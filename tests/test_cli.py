@@ -1,0 +1,160 @@
+"""The `kiln` command as a user runs it: exit codes, one-line errors, files written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def run_kiln(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "kiln.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    for fragment in fragments:
+        assert fragment in " ".join(result.stderr.split()), result.stderr
+
+
+def test_export_of_a_missing_path(tmp_path):
+    assert_user_error(
+        run_kiln("export", tmp_path / "nope", "-o", tmp_path / "out"), "does not exist"
+    )
+
+
+def test_export_of_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    assert_user_error(
+        run_kiln("export", tmp_path / "photos", "-o", tmp_path / "out"), "not a model folder"
+    )
+
+
+def test_export_of_an_unsupported_architecture(tmp_path):
+    model = tmp_path / "bert"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    assert_user_error(run_kiln("export", model, "-o", tmp_path / "out"), "BertForMaskedLM")
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert_user_error(run_kiln("export", flux, "-o", tmp_path / "out"), "FluxPipeline")
+
+
+def test_export_of_a_pickle_checkpoint(tmp_path):
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"\x80\x04not really")
+    assert_user_error(run_kiln("export", checkpoint, "-o", tmp_path / "out"), "safetensors")
+
+
+def test_generate_writes_a_png_and_inspect_reports(artifacts, tmp_path):
+    image = tmp_path / "out.png"
+    result = run_kiln(
+        "generate",
+        artifacts["sd1"],
+        "a red cube",
+        "-o",
+        image,
+        "--steps",
+        "3",
+        "--seed",
+        "4",
+        "--scheduler",
+        "euler_a",
+        "--num-images",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "seed 4" in result.stdout
+    assert Image.open(image).size == (128, 128)
+    assert Image.open(tmp_path / "out-1.png").size == (128, 128)
+
+    listing = run_kiln("inspect", artifacts["sd1"], "--verify")
+    assert listing.returncode == 0, listing.stderr
+    assert "unet" in listing.stdout and "all files match" in listing.stdout
+    data = json.loads(run_kiln("inspect", artifacts["sd1"], "--json").stdout)
+    assert {v["component"] for v in data["variants"]} == {
+        "text_encoder",
+        "unet",
+        "vae_encoder",
+        "vae_decoder",
+    }
+
+
+def test_generate_plan_only(artifacts):
+    result = run_kiln("generate", artifacts["sd1"], "x", "--plan-only", "--prefer", "onnx:fp32")
+    assert result.returncode == 0, result.stderr
+    assert "preferred by the caller" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--width", "130"], "width 130 is outside"),
+        (["--steps", "0"], "steps must be between"),
+        (["--scheduler", "nope"], "unknown scheduler"),
+        (["--init-image", "/no/such.png"], "does not exist"),
+        (["--require", "tensorrt:fp16"], "no runnable variant"),
+        (["--prefer", "onnx:fp7"], "unknown precision"),
+    ],
+)
+def test_generate_bad_arguments(artifacts, tmp_path, args, fragment):
+    assert_user_error(
+        run_kiln("generate", artifacts["sd1"], "x", "-o", tmp_path / "x.png", *args), fragment
+    )
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_on_a_missing_or_tampered_artifact(artifacts, tmp_path):
+    import shutil
+
+    assert_user_error(run_kiln("generate", tmp_path / "none", "x"), "does not exist")
+    copy = tmp_path / "copy"
+    shutil.copytree(artifacts["sd1"], copy)
+    data = copy / "unet" / "onnx-fp32" / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-10])
+    assert_user_error(run_kiln("generate", copy, "x"), "unet/onnx-fp32/model.onnx.data")
+
+
+def test_doctor_json_reports_this_machine():
+    result = run_kiln("doctor", "--json")
+    assert result.returncode == 0, result.stderr
+    profile = json.loads(result.stdout)["profile"]
+    assert profile["cpu"]["architecture"]
+    names = {r["name"]: r for r in profile["runtimes"]}
+    assert names["onnxruntime"]["available"] is True
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = run_kiln("demo", "--out", tmp_path / "demo", "--steps", "3")
+    assert result.returncode == 0, result.stderr
+    assert "random weights" in result.stdout
+    assert Image.open(tmp_path / "demo" / "side_by_side.png").size[0] > 256
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep")
+    assert_user_error(run_kiln("demo", "--out", tmp_path / "mine"), "not made by `kiln demo`")
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
+
+
+def test_demo_owns_only_its_own_folder(tmp_path):
+    from kiln.demo import DEMO_MARKER, _claim_folder
+
+    _claim_folder(tmp_path / "fresh")
+    assert (tmp_path / "fresh" / DEMO_MARKER).exists()
+    (tmp_path / "fresh" / "model").mkdir()
+    _claim_folder(tmp_path / "fresh")  # an earlier demo's folder is reused
