@@ -145,6 +145,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "random weights" in result.stdout
     assert Image.open(tmp_path / "demo" / "side_by_side.png").size[0] > 256
+    assert Image.open(tmp_path / "demo" / "caption.png").size[0] > 256
+    assert "token for token" in result.stdout
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep")
     assert_user_error(run_kiln("demo", "--out", tmp_path / "mine"), "not made by `kiln demo`")
@@ -158,3 +160,20 @@ def test_demo_owns_only_its_own_folder(tmp_path):
     assert (tmp_path / "fresh" / DEMO_MARKER).exists()
     (tmp_path / "fresh" / "model").mkdir()
     _claim_folder(tmp_path / "fresh")  # an earlier demo's folder is reused
+
+
+def test_doctor_exits_zero_without_openvino(tmp_path):
+    # A module named openvino that fails to import stands in for an uninstalled one.
+    (tmp_path / "openvino.py").write_text("raise ImportError('No module named openvino')\n")
+    env_path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": env_path},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    runtimes = {r["name"]: r for r in json.loads(result.stdout)["profile"]["runtimes"]}
+    assert runtimes["openvino"]["available"] is False
+    assert runtimes["onnxruntime"]["available"] is True

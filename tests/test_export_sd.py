@@ -162,3 +162,20 @@ def test_single_file_checkpoint_exports_with_its_config(tmp_path):
     assert manifest.source["kind"] == "single-file"
     assert manifest.source["revision"] == f"sha256:{sha256_file(checkpoint)}"
     assert manifest.variants[0].parity.passed
+
+
+def test_graph_optimization_is_measured_and_recorded(tiny_models, tmp_path):
+    manifest = kiln.export(
+        tiny_models["sd1"], tmp_path / "out", components=["text_encoder"], optimize=True
+    )
+    report = manifest.variants[0].options["graph_optimization"]
+    assert isinstance(report["kept"], bool) and report["reason"]
+    if report["fusions"]:
+        assert report["baseline_ms"] > 0 and report["optimized_ms"] > 0
+    assert manifest.variants[0].parity.passed  # parity is checked on the graph that was kept
+
+
+def test_a_hub_id_without_a_reachable_hub_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceError, match="not a local path and HF_HUB_OFFLINE is set"):
+        kiln.export("stable-diffusion-v1-5/stable-diffusion-v1-5", tmp_path / "out")

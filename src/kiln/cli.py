@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -17,18 +18,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
+from rich.text import Text
 
 from kiln.errors import KilnError
+from kiln.ui import console, err_console, progress_bar
 
 app = typer.Typer(
     name="kiln",
@@ -37,13 +31,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
 
 
 def main() -> None:
     """Console-script entry point."""
     _quiet_libraries()
+    # A terminated run cleans up like an interrupted one (staging folders removed).
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         app()
     except KilnError as exc:
@@ -56,6 +50,10 @@ def main() -> None:
         sys.exit(130)
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _quiet_libraries() -> None:
     """Silence library chatter that is not actionable for a kiln user."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -65,29 +63,17 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _progress() -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,  # per-component lines stay; the bar itself goes
-    )
-
-
 @contextmanager
 def _export_progress() -> Iterator[Any]:
     """A progress bar over components, with a line per exported component."""
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("export", total=None)
 
         def report(event: Any) -> None:
             progress.update(
                 task, total=event.total, description=f"{event.component}: {event.stage}"
             )
-            if event.stage in ("parity", "exported"):
+            if event.stage in ("parity", "exported", "optimized"):
                 progress.console.print(f"  {event.component}: {event.detail}", highlight=False)
             if event.stage == "done":
                 progress.update(task, completed=event.index)
@@ -102,7 +88,7 @@ def _export_progress() -> Iterator[Any]:
 @app.command()
 def export(
     source: Annotated[
-        str, typer.Argument(help="Diffusers folder, single .safetensors file, or hub id.")
+        str, typer.Argument(help="Diffusers or BLIP folder, single .safetensors file, or hub id.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to create or extend.")],
     target: Annotated[
@@ -123,6 +109,10 @@ def export(
     allow_parity_failure: Annotated[
         bool, typer.Option(help="Keep variants that miss their parity budget (recorded as failed).")
     ] = False,
+    optimize: Annotated[
+        bool,
+        typer.Option(help="Try onnxruntime graph fusions; keep them only where measurably faster."),
+    ] = False,
 ) -> None:
     """Export each component of SOURCE, check parity against PyTorch, write OUT/manifest.json."""
     from kiln.exporters.runner import export as run_export
@@ -138,6 +128,7 @@ def export(
             opset=opset,
             exporter=exporter,
             allow_parity_failure=allow_parity_failure,
+            optimize=optimize,
             progress=report,
         )
     console.print(
@@ -178,6 +169,19 @@ def generate(
     require: Annotated[
         list[str] | None, typer.Option(help="Require RUNTIME:PRECISION (repeatable).")
     ] = None,
+    target_profile: Annotated[
+        str | None,
+        typer.Option(
+            "--target-profile", help="Deployment target: a TOML file or a built-in target name."
+        ),
+    ] = None,
+    objective: Annotated[
+        str, typer.Option(help="What to optimize when choosing variants: latency or memory.")
+    ] = "latency",
+    max_drift: Annotated[
+        list[str] | None,
+        typer.Option(help="Drift budget METRIC=LIMIT, e.g. psnr=25 (repeatable)."),
+    ] = None,
     plan_only: Annotated[bool, typer.Option(help="Print the plan and exit.")] = False,
 ) -> None:
     """Generate images with a compiled Stable Diffusion artifact."""
@@ -185,11 +189,18 @@ def generate(
 
     if mask is not None and init_image is None:
         raise typer.BadParameter("--mask needs --init-image")
-    deployment = kiln.load(artifact, prefer=prefer or (), require=require or ())
+    deployment = kiln.load(
+        artifact,
+        prefer=prefer or (),
+        require=require or (),
+        target_profile=target_profile,
+        objective=objective,
+        drift_budget=max_drift or None,
+    )
     if plan_only:
         console.print(_plan_table(deployment.plan))
         return
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("denoising", total=steps)
         result = deployment.generate(
             prompt,
@@ -235,6 +246,75 @@ def _png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------- caption
+
+
+@app.command()
+def caption(
+    artifact: Annotated[Path, typer.Argument(help="BLIP artifact folder made by `kiln export`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files to caption.")],
+    prompt: Annotated[
+        str | None, typer.Option(help="Text the caption continues (conditional captioning).")
+    ] = None,
+    num_beams: Annotated[int, typer.Option(help="Beam search width (1 = greedy).")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 20,
+    min_new_tokens: Annotated[int | None, typer.Option(help="Fewest tokens to generate.")] = None,
+    do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy/beam.")] = False,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help="Penalty for repeated tokens (1 = none).")
+    ] = None,
+    num_captions: Annotated[int, typer.Option(help="Captions per image.")] = 1,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    prefer: Annotated[
+        list[str] | None, typer.Option(help="Prefer RUNTIME:PRECISION (repeatable).")
+    ] = None,
+    require: Annotated[
+        list[str] | None, typer.Option(help="Require RUNTIME:PRECISION (repeatable).")
+    ] = None,
+    target_profile: Annotated[
+        str | None,
+        typer.Option("--target-profile", help="Deployment target: a TOML file or a built-in name."),
+    ] = None,
+    plan_only: Annotated[bool, typer.Option(help="Print the plan and exit.")] = False,
+) -> None:
+    """Caption images with a compiled BLIP artifact (transformers' decoding strategies)."""
+    import kiln
+
+    deployment = kiln.load(
+        artifact, prefer=prefer or (), require=require or (), target_profile=target_profile
+    )
+    if plan_only:
+        console.print(_plan_table(deployment.plan))
+        return
+    result = deployment.caption(
+        list(images),
+        prompt=prompt,
+        seed=seed,
+        num_captions=num_captions,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=do_sample or None,
+        top_p=top_p,
+        top_k=top_k,
+        temperature=temperature,
+        repetition_penalty=repetition_penalty,
+    )
+    if as_json:
+        data = result.to_dict()
+        data["images"] = [str(p) for p in images]
+        print(json.dumps(data, indent=2))
+        return
+    for path, captions in zip(images, result.captions, strict=True):
+        for text in captions:
+            console.print(f"{path}: {text}", highlight=False, markup=False)
+    err_console.print(f"{len(images)} image(s) in {result.seconds:.2f} s", highlight=False)
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -303,11 +383,12 @@ def _size(n: int) -> str:
 
 
 def _plan_table(plan: Any) -> Table:
-    table = Table(title="plan")
+    title = f"plan ({plan.objective}, target {plan.target})" if plan.target else "plan"
+    table = Table(title=title, caption="\n".join(plan.notes) or None)
     for column in ("component", "variant", "runtime", "device", "reason"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in plan.rows():
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # reasons hold [brackets]: never markup
     return table
 
 
@@ -318,30 +399,52 @@ def _plan_table(plan: Any) -> Table:
 def doctor(
     artifact: Annotated[Path | None, typer.Argument(help="Artifact folder to plan for.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the profile as JSON.")] = False,
+    target_profile: Annotated[
+        str | None,
+        typer.Option(
+            "--target-profile", help="Deployment target: a TOML file or a built-in target name."
+        ),
+    ] = None,
 ) -> None:
-    """Show this machine's hardware, installed runtimes, and the plan for an artifact."""
+    """Show this machine's hardware, installed runtimes, its deployment target, and the plan."""
     from kiln.profiles.hardware import detect, format_profile, install_hint
+    from kiln.profiles.targets import target_for
 
     profile = detect()
+    target = target_for(profile, target_profile)
     plan = None
     if artifact is not None:
         from kiln.artifacts import read_manifest
-        from kiln.profiles.select import select
+        from kiln.profiles.select import Policy, select
 
-        plan = select(read_manifest(artifact), profile)
+        plan = select(read_manifest(artifact), profile, Policy(), target)
     if as_json:
-        data = {"profile": profile.to_dict()}
+        data: dict[str, Any] = {
+            "profile": profile.to_dict(),
+            "target": {
+                "name": target.name,
+                "source": target.source,
+                "order": [str(p) for p in target.order],
+            },
+        }
         if plan is not None:
             data["plan"] = [
                 dict(zip(("component", "variant", "runtime", "device", "reason"), r, strict=True))
-                for r in plan.rows()
+                | {"options": dict(c.options), "rejected": [list(x) for x in c.rejected]}
+                for r, c in zip(plan.rows(), plan.choices, strict=True)
             ]
+            data["plan_notes"] = list(plan.notes)
         print(json.dumps(data, indent=2))
         return
     console.print(format_profile(profile))
+    console.print(
+        f"target: {target.name} ({target.source}): {target.description}",
+        highlight=False,
+        markup=False,
+    )
     missing = [r.name for r in profile.runtimes if not r.available]
     for name in missing:
-        console.print(f"[yellow]missing[/] {name}: {install_hint(name)}", highlight=False)
+        console.print(Text.assemble(("missing ", "yellow"), f"{name}: {install_hint(name)}"))
     if plan is not None:
         console.print(_plan_table(plan))
 
@@ -366,8 +469,13 @@ def demo(
         seed=seed,
         console=console,
         export_progress=_export_progress,
-        step_progress=_progress,
+        step_progress=progress_bar,
     )
+
+
+from kiln.bench.cli import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
 
 
 if __name__ == "__main__":

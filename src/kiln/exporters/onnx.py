@@ -20,9 +20,11 @@ MODEL_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
-class OnnxExport:
+class ExportedGraph:
+    """What an exporter wrote: the entry file (relative to its folder) and how."""
+
     entry: str
-    opset: int
+    opset: int | None
     exporter: str
 
 
@@ -33,7 +35,7 @@ def export_onnx(
     *,
     opset: int | None = None,
     exporter: str = "dynamo",
-) -> OnnxExport:
+) -> ExportedGraph:
     """Write `folder/model.onnx` (+ external weights) with the spec's dynamic axes.
 
     The dynamo exporter (torch's default) writes one `model.onnx.data` file at any size;
@@ -78,7 +80,7 @@ def export_onnx(
     model = onnx.load(str(path), load_external_data=False)
     _check_io_names(model, spec)
     opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return OnnxExport(entry=MODEL_FILE, opset=opset_used, exporter=f"torch.onnx-{exporter}")
+    return ExportedGraph(entry=MODEL_FILE, opset=opset_used, exporter=f"torch.onnx-{exporter}")
 
 
 def _check_io_names(model, spec: ComponentSpec) -> None:

@@ -9,11 +9,14 @@ the largest component rather than the whole pipeline.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln import __version__
@@ -33,7 +36,7 @@ from kiln.errors import ArtifactError, ExportError, SourceError
 from kiln.models.sources import LoadedModel, load_source
 from kiln.models.spec import ComponentSpec, Precision
 
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "openvino")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,18 @@ class ExportEvent:
 ProgressCallback = Callable[[ExportEvent], None]
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export: targets, exporter settings, and what to check."""
+
+    targets: tuple[str, ...] = ("onnx",)
+    opset: int | None = None
+    exporter: str = "dynamo"
+    check_parity: bool = True
+    allow_parity_failure: bool = False
+    optimize: bool = False
+
+
 def export(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -61,10 +76,18 @@ def export(
     exporter: str = "dynamo",
     check_parity: bool = True,
     allow_parity_failure: bool = False,
+    optimize: bool = False,
     progress: ProgressCallback | None = None,
 ) -> Manifest:
-    """Export `source` into the artifact folder `out` and return its manifest."""
-    unknown = [t for t in targets if t not in TARGETS]
+    """Export `source` into the artifact folder `out` and return its manifest.
+
+    `optimize=True` tries onnxruntime's graph fusions per component and keeps them only
+    where they are measurably faster (the decision is recorded in the variant's options).
+    """
+    options = ExportOptions(
+        tuple(targets), opset, exporter, check_parity, allow_parity_failure, optimize
+    )
+    unknown = [t for t in options.targets if t not in TARGETS]
     if unknown:
         raise ExportError(f"unknown target {unknown[0]!r}; available targets: {', '.join(TARGETS)}")
     out = Path(out)
@@ -79,19 +102,8 @@ def export(
     manifest = _open_manifest(out, model, specs)
     report = progress or (lambda event: None)
     for index, component in enumerate(chosen, start=1):
-        for variant in _export_component(
-            out,
-            model,
-            specs[component],
-            targets,
-            opset,
-            exporter,
-            check_parity,
-            allow_parity_failure,
-            report,
-            index,
-            len(chosen),
-        ):
+        job = _ComponentExport(out, specs[component], options, report, index, len(chosen))
+        for variant in job.run(model):
             manifest = manifest.with_variant(variant)
             write_manifest(out, manifest)
             report(ExportEvent(component, "done", index, len(chosen), _summary(variant)))
@@ -130,124 +142,157 @@ def _open_manifest(out: Path, model: LoadedModel, specs: dict[str, ComponentSpec
 
 @dataclass
 class _Staged:
+    """One target's export, waiting in its staging folder for its checks."""
+
     target: str
     staging: StagingFolder
-    entry: str
-    opset: int
-    exporter: str
-    seconds: float
+    entry: str = ""
+    opset: int = 0
+    exporter: str = ""
+    seconds: float = 0.0
+    parity: Parity | None = None
+    options: dict = field(default_factory=dict)
 
 
-def _export_component(
-    out: Path,
-    model: LoadedModel,
-    spec: ComponentSpec,
-    targets: Sequence[str],
-    opset: int | None,
-    exporter: str,
-    check_parity: bool,
-    allow_parity_failure: bool,
-    report: ProgressCallback,
-    index: int,
-    total: int,
-) -> list[Variant]:
-    """Export one component to every target; free its weights before checking parity.
+@dataclass
+class _ComponentExport:
+    """Export one component to every target, then check each, then move them into place.
 
-    Parity needs PyTorch's outputs (computed first) and a runtime session; the torch
-    module is released before sessions load so both never sit in memory together.
+    PyTorch's reference outputs are computed first and the torch module is released
+    before any runtime session loads, so both never sit in memory together.
     """
-    from kiln.exporters import parity as parity_check
-    from kiln.exporters.onnx import export_onnx
 
-    module = model.export_module(spec.name)
-    reference = parity_check.reference_outputs(module, spec) if check_parity else None
-    staged: list[_Staged] = []
-    try:
-        for target in targets:
-            report(ExportEvent(spec.name, "start", index, total, target))
-            staging = StagingFolder(out / variant_folder(spec.name, target, Precision.FP32))
-            staged.append(_Staged(target, staging, "", 0, "", 0.0))
-            started = time.perf_counter()
-            exported = export_onnx(module, spec, staging.path, opset=opset, exporter=exporter)
-            seconds = time.perf_counter() - started
-            staged[-1] = _Staged(
-                target, staging, exported.entry, exported.opset, exported.exporter, seconds
-            )
-            report(ExportEvent(spec.name, "exported", index, total, f"{target} in {seconds:.1f} s"))
-        del module
-        model.release(spec.name)
-        gc.collect()
-        parities = [
-            _check_parity(spec, item, reference, allow_parity_failure, report, index, total)
-            for item in staged
-        ]
-    except BaseException:
-        for item in staged:
-            item.staging.discard()
-        raise
-    return [_commit(out, spec, item, parity) for item, parity in zip(staged, parities, strict=True)]
+    out: Path
+    spec: ComponentSpec
+    options: ExportOptions
+    report: ProgressCallback
+    index: int
+    total: int
 
+    def run(self, model: LoadedModel) -> list[Variant]:
+        from kiln.exporters import parity as parity_check
 
-def _check_parity(
-    spec, item: _Staged, reference, allow_failure: bool, report, index, total
-) -> Parity | None:
-    from kiln.exporters import parity as parity_check
-    from kiln.runtimes.onnxruntime import OnnxRuntimeSession
-
-    if reference is None:
-        return None
-    inputs, expected = reference
-    session = OnnxRuntimeSession(item.staging.path / item.entry, spec)
-    parity = parity_check.measure(
-        spec, Precision.FP32, inputs, expected, session.run, spec.parity_sizes()
-    )
-    del session
-    report(ExportEvent(spec.name, "parity", index, total, _parity_text(parity)))
-    if not parity.passed and not allow_failure:
-        name, worst, limit = parity.worst()
-        raise ExportError(
-            f"{spec.name} ({item.target}) misses its parity budget: {name} differs from PyTorch by "
-            f"{worst:.3g} > {limit:.3g}; nothing was written (pass --allow-parity-failure to keep it)"
+        module = model.export_module(self.spec.name)
+        reference = (
+            parity_check.reference_outputs(module, self.spec) if self.options.check_parity else None
         )
-    return parity
+        staged: list[_Staged] = []
+        try:
+            for target in self.options.targets:
+                staged.append(_Staged(target, StagingFolder(self._final(target))))
+                self._export(module, staged[-1])
+            del module
+            model.release(self.spec.name)
+            release_memory()
+            for item in staged:
+                if self.options.optimize and item.target == "onnx":
+                    self._optimize(item)
+                if reference is not None:
+                    self._check_parity(item, *reference)
+        except BaseException:
+            for item in staged:
+                item.staging.discard()
+            raise
+        return [self._commit(item) for item in staged]
+
+    def _final(self, target: str) -> Path:
+        return self.out / variant_folder(self.spec.name, target, Precision.FP32)
+
+    def _event(self, stage: str, detail: str) -> None:
+        self.report(ExportEvent(self.spec.name, stage, self.index, self.total, detail))
+
+    def _export(self, module, item: _Staged) -> None:
+        self._event("start", item.target)
+        started = time.perf_counter()
+        if item.target == "openvino":
+            from kiln.exporters.openvino import export_openvino
+
+            exported = export_openvino(module, self.spec, item.staging.path)
+        else:
+            from kiln.exporters.onnx import export_onnx
+
+            exported = export_onnx(
+                module,
+                self.spec,
+                item.staging.path,
+                opset=self.options.opset,
+                exporter=self.options.exporter,
+            )
+        item.seconds = time.perf_counter() - started
+        item.entry, item.opset, item.exporter = exported.entry, exported.opset, exported.exporter
+        self._event("exported", f"{item.target} in {item.seconds:.1f} s")
+
+    def _optimize(self, item: _Staged) -> None:
+        from kiln.exporters.optimize import optimize_graph
+
+        result = optimize_graph(item.staging.path, item.entry, self.spec)
+        item.options["graph_optimization"] = result.to_dict()
+        self._event(
+            "optimized", f"graph fusions {'kept' if result.kept else 'not kept'}: {result.reason}"
+        )
+
+    def _check_parity(self, item: _Staged, inputs, expected) -> None:
+        from kiln.exporters import parity as parity_check
+        from kiln.runtimes import open_for_check
+
+        session = open_for_check(item.staging.path / item.entry, self.spec, item.target)
+        parity = parity_check.measure(
+            self.spec, Precision.FP32, inputs, expected, session.run, self.spec.parity_sizes()
+        )
+        del session
+        self._event("parity", _parity_text(parity))
+        if not parity.passed and not self.options.allow_parity_failure:
+            name, worst, limit = parity.worst()
+            raise ExportError(
+                f"{self.spec.name} ({item.target}) misses its parity budget: {name} differs from PyTorch by "
+                f"{worst:.3g} > {limit:.3g}; nothing was written (pass --allow-parity-failure to keep it)"
+            )
+        item.parity = parity
+
+    def _commit(self, item: _Staged) -> Variant:
+        final = item.staging.commit()
+        prefix = final.relative_to(self.out).as_posix()
+        return Variant(
+            component=self.spec.name,
+            target=item.target,
+            precision=Precision.FP32,
+            files=file_entries(self.out, final),
+            entry=f"{prefix}/{item.entry}",
+            versions=_versions(item.target, item.exporter),
+            shape_profile={
+                name: {"min": d.min, "opt": d.opt, "max": d.max, "multiple_of": d.multiple_of}
+                for name, d in self.spec.dims().items()
+            },
+            parity=item.parity,
+            opset=item.opset,
+            options=item.options,
+            export_seconds=round(item.seconds, 3),
+        )
 
 
-def _commit(out: Path, spec: ComponentSpec, item: _Staged, parity: Parity | None) -> Variant:
-    final = item.staging.commit()
-    prefix = final.relative_to(out).as_posix()
-    return Variant(
-        component=spec.name,
-        target=item.target,
-        precision=Precision.FP32,
-        files=file_entries(out, final),
-        entry=f"{prefix}/{item.entry}",
-        versions=_versions(item.exporter),
-        shape_profile={
-            name: {"min": d.min, "opt": d.opt, "max": d.max, "multiple_of": d.multiple_of}
-            for name, d in spec.dims().items()
-        },
-        parity=parity,
-        opset=item.opset,
-        export_seconds=round(item.seconds, 3),
-    )
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS.
+
+    glibc keeps freed memory in its arenas; without the trim, a released 3 GB UNet still
+    counts in RSS while the runtime session for its parity check loads beside it.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _versions(exporter: str) -> dict[str, str]:
-    import onnx
+def _versions(target: str, exporter: str) -> dict[str, str]:
+    """Library versions that bind the artifact: the exporter and the runtime that checked it."""
+    import importlib.metadata
+
     import torch
 
-    versions = {
-        "kiln": __version__,
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "exporter": exporter,
-    }
-    try:
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    versions = {"kiln": __version__, "torch": torch.__version__, "exporter": exporter}
+    packages = ("onnx", "onnxruntime") if target == "onnx" else ("openvino",)
+    for package in packages:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
     return versions
 
 

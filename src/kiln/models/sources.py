@@ -65,6 +65,21 @@ class LoadedModel(abc.ABC):
         """Write configs, tokenizers and schedulers: everything but weights."""
 
 
+def free_weights(module: torch.nn.Module | None) -> None:
+    """Drop a module's parameter and buffer storage in place.
+
+    Exporters can keep references to parameters after export (onnxscript's rewrite rules
+    hold on to the last graph they saw, and with it every weight), so dropping the module
+    is not enough; emptying the tensors frees the memory whoever still points at them.
+    """
+    if module is None:
+        return
+    import torch
+
+    for tensor in (*module.parameters(), *module.buffers()):
+        tensor.data = torch.empty(0, dtype=tensor.dtype)
+
+
 def load_source(source: str | os.PathLike[str], *, config: str | None = None) -> LoadedModel:
     """Load a model from a local folder, a single checkpoint file, or a hub id."""
     text = os.fspath(source)
@@ -87,6 +102,16 @@ def _load_folder(path: Path, info: SourceInfo) -> LoadedModel:
         return StableDiffusionModel.from_folder(path, info)
     if (path / "config.json").is_file():
         architectures = _read_json(path / "config.json").get("architectures") or ["unknown"]
+        from kiln.models.blip import ARCHITECTURES as BLIP_ARCHITECTURES
+
+        if architectures[0] in BLIP_ARCHITECTURES:
+            from kiln.models.blip import BlipModel
+
+            return BlipModel.from_folder(path, info, architectures[0])
+        if architectures[0].startswith("Blip2"):
+            from kiln.models.blip2 import Blip2Model
+
+            return Blip2Model.from_folder(path, info, architectures[0])
         raise UnsupportedModelError(
             f"{path} holds a {architectures[0]} model; this kiln compiles Stable Diffusion pipelines"
         )

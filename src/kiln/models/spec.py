@@ -53,6 +53,8 @@ class Dim:
 
     `multiple_of` constrains the sizes a runtime may be given (latent sides must be even
     for a UNet with two down-samplings, for instance). `opt` is the size exports trace at.
+    `min` may be 0 for an axis that can be empty (a decoder's past length on its first step);
+    `opt` is at least 1.
     """
 
     name: str
@@ -62,8 +64,10 @@ class Dim:
     multiple_of: int = 1
 
     def __post_init__(self) -> None:
-        if not (1 <= self.min <= self.opt <= self.max):
-            raise ValueError(f"dim {self.name}: need 1 <= min <= opt <= max, got {self}")
+        if not (0 <= self.min <= self.opt <= self.max and self.opt >= 1):
+            raise ValueError(
+                f"dim {self.name}: need 0 <= min <= opt <= max and opt >= 1, got {self}"
+            )
         if any(v % self.multiple_of for v in (self.min, self.opt, self.max)):
             raise ValueError(
                 f"dim {self.name}: min/opt/max must be multiples of {self.multiple_of}"
@@ -78,7 +82,10 @@ class Dim:
     def alternative(self) -> int:
         """A valid size other than the traced one, to check parity away from that shape."""
         traced, step = self.export_size(), self.multiple_of
-        for candidate in (traced + step, traced - step, self.max, self.min):
+        # About half the traced size first: cheap to run for full-size models, still long
+        # enough for attention to mean something, and 1 for a batch axis traced at 2.
+        half = max(self.min, -(-traced // 2 // step) * step)
+        for candidate in (half, traced - step, traced + step, self.max):
             if self.min <= candidate <= self.max and candidate != traced:
                 return candidate
         return traced
@@ -159,6 +166,8 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     tolerances: Mapping[Precision, Tolerance] = field(default_factory=lambda: DEFAULT_TOLERANCES)
     description: str = ""
+    # Which graph-fusion recipe fits (onnxruntime's model types: "clip", "unet", "vae", ...).
+    graph_kind: str = ""
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -258,6 +267,7 @@ class ComponentSpec:
         return {
             "name": self.name,
             "family": self.family,
+            "graph_kind": self.graph_kind,
             "inputs": [tensor(t) for t in self.inputs],
             "outputs": [tensor(t) for t in self.outputs],
         }
@@ -284,4 +294,5 @@ class ComponentSpec:
             family=data["family"],
             inputs=tuple(tensor(t) for t in data["inputs"]),
             outputs=tuple(tensor(t) for t in data["outputs"]),
+            graph_kind=data.get("graph_kind", ""),
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.errors import SourceError, UnsupportedModelError
-from kiln.models.sources import LoadedModel, SourceInfo
+from kiln.models.sources import LoadedModel, SourceInfo, free_weights
 from kiln.models.spec import ComponentSpec, Dim, DType, Precision, TensorSpec, Tolerance
 
 if TYPE_CHECKING:
@@ -167,6 +167,7 @@ def _text_encoder_spec(name: str, encoder: Any, info: DiffusionModelInfo) -> Com
             ),
         ),
         description=type(encoder).__name__,
+        graph_kind="clip",
     )
 
 
@@ -218,6 +219,7 @@ def _unet_spec(pipeline: DiffusionPipeline, info: DiffusionModelInfo) -> Compone
             ),
         ),
         description="UNet2DConditionModel",
+        graph_kind="unet",
     )
 
 
@@ -252,6 +254,7 @@ def _vae_specs(info: DiffusionModelInfo) -> tuple[ComponentSpec, ComponentSpec]:
         ),
         tolerances={**_default_tolerances(), **vae_tolerances},
         description="AutoencoderKL encoder (+ quant_conv): mean and log-variance",
+        graph_kind="vae",
     )
     decoder = ComponentSpec(
         name=VAE_DECODER,
@@ -260,6 +263,7 @@ def _vae_specs(info: DiffusionModelInfo) -> tuple[ComponentSpec, ComponentSpec]:
         outputs=(TensorSpec("sample", DType.FLOAT32, ("batch", 3, "height", "width")),),
         tolerances={**_default_tolerances(), **vae_tolerances},
         description="AutoencoderKL (post_quant_conv +) decoder",
+        graph_kind="vae",
     )
     return encoder, decoder
 
@@ -379,6 +383,7 @@ class StableDiffusionModel(LoadedModel):
         if component == VAE_ENCODER:
             return
         attribute = "vae" if component == VAE_DECODER else component
+        free_weights(getattr(self.pipeline, attribute))
         setattr(self.pipeline, attribute, None)
         gc.collect()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from kiln.errors import ArtifactError, InvalidRequestError
 from kiln.models.spec import ComponentSpec
 from kiln.profiles.hardware import HardwareProfile, detect
 from kiln.profiles.select import Plan, Policy, select
+from kiln.profiles.targets import TargetProfile, target_for
 from kiln.runtimes import open_session
 from kiln.runtimes.base import Session
 
@@ -48,6 +49,11 @@ class Deployment:
             f"{self.root} holds a {self.family} model; caption() is for BLIP models"
         )
 
+    def match(self, *args: Any, **kwargs: Any) -> Any:
+        raise InvalidRequestError(
+            f"{self.root} holds a {self.family} model; match() is for BLIP retrieval models"
+        )
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r}, family={self.family!r})\n{self.plan}"
 
@@ -58,22 +64,35 @@ def load(
     prefer: Sequence[str] | str = (),
     require: Sequence[str] | str = (),
     profile: HardwareProfile | None = None,
+    target_profile: TargetProfile | str | os.PathLike[str] | None = None,
+    objective: str = "latency",
+    drift_budget: Mapping[str, float] | Sequence[str] | None = None,
     verify: bool = True,
 ) -> Deployment:
     """Load an artifact folder: verify its files, pick variants for this machine, open them.
 
-    `prefer`/`require` take `runtime:precision` strings (`onnx:fp32`, `unet=openvino:int8`).
+    `prefer`/`require` take `runtime[:precision][@device]` strings (`onnx:fp32`,
+    `unet=openvino:int8`, `vae_decoder=onnx@cpu`, or a variant id `unet/openvino/int8`).
+    `target_profile` is a `TargetProfile`, a built-in target name (`"intel-cpu-amx"`) or a
+    TOML file; by default the built-in target that matches `profile` is used.
+    `objective` is `"latency"` or `"memory"`; `drift_budget` maps metric to limit
+    (`{"psnr": 25}` or `["psnr=25"]`, default `DEFAULT_DRIFT_BUDGET`).
     """
     started = time.perf_counter()
     root = Path(path)
     manifest = read_manifest(root)
     if not manifest.variants:
         raise ArtifactError(f"{root} has no exported variants yet; run `kiln export` into it")
+    extra: dict[str, Any] = {"objective": objective}
+    if drift_budget is not None:
+        extra["drift_budget"] = drift_budget
     policy = Policy.from_strings(
         [prefer] if isinstance(prefer, str) else list(prefer),
         [require] if isinstance(require, str) else list(require),
+        **extra,
     )
-    plan = select(manifest, profile or detect(), policy)
+    profile = profile or detect()
+    plan = select(manifest, profile, policy, target_for(profile, target_profile))
     if verify:
         verify_files(root, manifest.support_files)
         for choice in plan.choices:
@@ -82,11 +101,19 @@ def load(
     for choice in plan.choices:
         spec = ComponentSpec.from_dict(manifest.components[choice.component])
         sessions[choice.component] = open_session(
-            root, manifest.variant(choice.variant_id), spec, choice.runtime
+            root, manifest.variant(choice.variant_id), spec, choice
         )
     seconds = time.perf_counter() - started
     if manifest.family == "stable-diffusion":
         from kiln.pipelines.diffusion import DiffusionDeployment
 
         return DiffusionDeployment(root, manifest, plan, sessions, seconds)
+    if manifest.family == "blip":
+        from kiln.pipelines.captioning import CaptioningDeployment
+
+        return CaptioningDeployment(root, manifest, plan, sessions, seconds)
+    if manifest.family == "blip2":
+        from kiln.pipelines.captioning import Blip2CaptioningDeployment
+
+        return Blip2CaptioningDeployment(root, manifest, plan, sessions, seconds)
     return Deployment(root, manifest, plan, sessions, seconds)

@@ -1,29 +1,81 @@
-"""Selection: a pure function from (manifest, hardware profile, policy) to a `Plan`.
+"""Selection: a pure function from (manifest, hardware profile, policy[, target]) to a `Plan`.
 
-For every component it drops the variants that cannot run here, each with the reason,
-then ranks the rest: measured results for this hardware fingerprint first (written by
-`kiln bench --record`), else the static preference order. Every choice keeps its reason,
-so `deployment.plan` can say why it runs what it runs.
+For every component, every variant is placed on the devices the target profile's order
+names for it (`kiln/profiles/targets/*.toml`, matched to the machine by `match_target`).
+A placement is dropped, with its reason, when:
+
+- a `--require` constraint excludes it;
+- its runtime is not installed, or the device is missing (no NVIDIA GPU, onnxruntime
+  without `CUDAExecutionProvider`, a CPU-only torch, no OpenVINO GPU/NPU, no MPS);
+- it is a TensorRT plan built for another GPU (name / compute capability) or another
+  TensorRT version, or records neither;
+- it failed its parity check at export, or its recorded drift is worse than the policy's
+  drift budget (unless a `--require` names the variant);
+- it does not fit in memory: `size_bytes x Policy.memory_headroom` (default
+  `MEMORY_HEADROOM` = 1.5: weights plus the runtime's working copies and activations) must
+  fit in the pool the device draws from (available RAM for CPU, MPS, NPU and integrated
+  GPUs; free VRAM for CUDA devices; device memory for discrete OpenVINO GPUs). Pools are
+  shared: components are placed largest first and each takes its share, so the UNet gets
+  the VRAM and a VAE that no longer fits goes to the CPU.
+
+The rest are ranked: caller preferences (`--prefer`) first, then measured median latency
+for this hardware fingerprint (`manifest.measurements[fingerprint][variant_id]`, written by
+`kiln bench`; a measured placement beats an unmeasured one), then the target's order. With
+`objective="memory"` the smallest variant wins before latency is considered. Every choice
+carries its reason; every dropped or lower-ranked placement is kept in `Choice.rejected`.
+
+Nothing here does I/O: when no target is passed, `match_target` picks one from the
+built-in target files, which are read once per process.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
 
 from kiln.artifacts import Manifest, Variant
 from kiln.errors import BackendUnavailableError, InvalidRequestError
 from kiln.models.spec import Precision
-from kiln.profiles.hardware import HardwareProfile
+from kiln.profiles.hardware import GpuInfo, HardwareProfile, install_hint
+from kiln.profiles.targets import (
+    DEVICES_OF_RUNTIME,
+    RUNTIME_OF_TARGET,
+    DeviceKind,
+    Placement,
+    TargetProfile,
+    match_target,
+    normalize_target,
+    parse_precision,
+    with_cpu_fallback,
+)
 
-# Which runtime runs which artifact target.
-RUNTIME_OF_TARGET = {
-    "onnx": "onnxruntime",
-    "openvino": "openvino",
-    "tensorrt": "tensorrt",
-    "torch": "torch",
-}
-DEFAULT_TARGET_ORDER = ("tensorrt", "openvino", "onnx", "torch")
+__all__ = [
+    "DEFAULT_DRIFT_BUDGET",
+    "DEFAULT_PRECISION_ORDER",
+    "MEMORY_HEADROOM",
+    "RUNTIME_OF_TARGET",
+    "Choice",
+    "Constraint",
+    "Objective",
+    "Plan",
+    "Policy",
+    "parse_drift_budget",
+    "select",
+]
+
+GIB = 1024**3
+#: Memory a variant needs at run time, as a multiple of its size on disk.
+MEMORY_HEADROOM = 1.5
+#: Drift limits by metric name in a variant's `drift` mapping. Metrics whose name contains
+#: psnr, ssim, cos or clip are "higher is better" (a floor); all others are a ceiling.
+#: `psnr` is the image PSNR in dB against fp32 at the same seed and prompt.
+DEFAULT_DRIFT_BUDGET: Mapping[str, float] = MappingProxyType({"psnr": 20.0})
+_HIGHER_IS_BETTER = ("psnr", "ssim", "cos", "clip")
+DEFAULT_TARGET_ORDER = ("tensorrt", "openvino", "onnx", "torch")  # ties only
 DEFAULT_PRECISION_ORDER = (
     Precision.FP32,
     Precision.BF16,
@@ -34,70 +86,134 @@ DEFAULT_PRECISION_ORDER = (
 )
 
 
+class Objective(str, enum.Enum):
+    LATENCY = "latency"
+    MEMORY = "memory"
+
+
 @dataclass(frozen=True)
 class Constraint:
-    """`runtime:precision`, either part optional, optionally for one component only.
+    """`runtime:precision@device`, every part optional, optionally for one component only.
 
-    Parsed from strings such as `onnx:fp32`, `openvino`, `:int8`, `unet=openvino:int8`.
+    Parsed from strings such as `onnx:fp32`, `openvino`, `:int8`, `onnx@cuda`,
+    `unet=openvino:int8`, or a variant id `unet/openvino/int8`.
     """
 
     component: str | None = None
     target: str | None = None
     precision: Precision | None = None
+    device: DeviceKind | None = None
 
     @classmethod
     def parse(cls, text: str) -> Constraint:
-        component, _, rest = text.rpartition("=")
+        raw = text.strip()
+        if raw.count("/") == 2 and "=" not in raw:  # a variant id
+            component, target, precision = raw.split("/")
+            raw = f"{component}={target}:{precision}"
+        component, _, rest = raw.rpartition("=")
+        rest, _, device = rest.partition("@")
         target, _, precision = rest.partition(":")
-        target = {"onnxruntime": "onnx", "ort": "onnx", "ov": "openvino", "trt": "tensorrt"}.get(
-            target, target
+        where = repr(text)
+        parsed = cls(
+            component.strip() or None,
+            normalize_target(target, where) if target.strip() else None,
+            parse_precision(precision, where) if precision.strip() else None,
+            DeviceKind.parse(device, where) if device.strip() else None,
         )
-        if target and target not in RUNTIME_OF_TARGET:
+        if parsed == cls(parsed.component):
             raise InvalidRequestError(
-                f"unknown runtime {target!r} in {text!r}; use one of {', '.join(RUNTIME_OF_TARGET)}"
+                f"{text!r} names no runtime, precision or device; use e.g. onnx:fp32, "
+                "openvino, :int8, onnx@cuda, unet=openvino:int8"
             )
-        try:
-            parsed = Precision(precision) if precision else None
-        except ValueError:
-            choices = ", ".join(p.value for p in Precision)
-            raise InvalidRequestError(
-                f"unknown precision {precision!r} in {text!r}; use one of {choices}"
-            ) from None
-        return cls(component or None, target or None, parsed)
+        return parsed
 
     def applies_to(self, component: str) -> bool:
         return self.component is None or self.component == component
 
-    def matches(self, variant: Variant) -> bool:
-        return (self.target is None or variant.target == self.target) and (
-            self.precision is None or variant.precision == self.precision
+    def matches(self, variant: Variant, device: DeviceKind | None = None) -> bool:
+        return (
+            (self.target is None or variant.target == self.target)
+            and (self.precision is None or variant.precision == self.precision)
+            and (self.device is None or device is None or device == self.device)
         )
 
+    def names(self, variant: Variant) -> bool:
+        """True when this constraint names `variant` exactly (runtime and precision given)."""
+        return self.target is not None and self.precision is not None and self.matches(variant)
+
     def __str__(self) -> str:
-        text = f"{self.target or ''}:{self.precision.value if self.precision else ''}".strip(":")
+        text = (self.target or "") + (f":{self.precision.value}" if self.precision else "")
+        if self.device is not None:
+            text += f"@{self.device.value}"
         return f"{self.component}={text}" if self.component else text
+
+
+def parse_drift_budget(texts: Sequence[str] | str) -> dict[str, float]:
+    """`["psnr=25", "max_abs=0.1"]` -> `{"psnr": 25.0, "max_abs": 0.1}`."""
+    out: dict[str, float] = {}
+    for text in [texts] if isinstance(texts, str) else texts:
+        name, sep, value = text.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value.lstrip("="))
+        except ValueError:
+            raise InvalidRequestError(
+                f"drift budget {text!r} is not METRIC=NUMBER (e.g. psnr=25)"
+            ) from None
+    return out
 
 
 @dataclass(frozen=True)
 class Policy:
-    objective: str = "latency"  # or "memory"
+    """What the caller wants: objective, constraints, quality budget, memory margin."""
+
+    objective: Objective = Objective.LATENCY
     prefer: tuple[Constraint, ...] = ()
     require: tuple[Constraint, ...] = ()
     allow_failed_parity: bool = False
+    drift_budget: Mapping[str, float] = field(default_factory=lambda: DEFAULT_DRIFT_BUDGET)
+    memory_headroom: float = MEMORY_HEADROOM
+
+    def __post_init__(self) -> None:
+        try:
+            objective = Objective(self.objective)
+        except ValueError:
+            raise InvalidRequestError(
+                f"unknown objective {self.objective!r}; use latency or memory"
+            ) from None
+        if not self.memory_headroom >= 1.0:
+            raise InvalidRequestError(
+                f"memory headroom must be at least 1.0, got {self.memory_headroom}"
+            )
+        object.__setattr__(self, "objective", objective)
+        object.__setattr__(self, "prefer", tuple(self.prefer))
+        object.__setattr__(self, "require", tuple(self.require))
+        object.__setattr__(self, "drift_budget", MappingProxyType(dict(self.drift_budget)))
 
     @classmethod
     def from_strings(
-        cls, prefer: Sequence[str] = (), require: Sequence[str] = (), **kwargs
+        cls, prefer: Sequence[str] = (), require: Sequence[str] = (), **kwargs: Any
     ) -> Policy:
+        budget = kwargs.get("drift_budget")
+        if isinstance(budget, str) or (
+            isinstance(budget, Sequence) and all(isinstance(b, str) for b in budget)
+        ):
+            kwargs["drift_budget"] = parse_drift_budget(budget)
         return cls(
             prefer=tuple(Constraint.parse(p) for p in prefer),
             require=tuple(Constraint.parse(r) for r in require),
             **kwargs,
         )
 
+    def requirements_for(self, component: str) -> tuple[Constraint, ...]:
+        return tuple(c for c in self.require if c.applies_to(component))
+
 
 @dataclass(frozen=True)
 class Choice:
+    """One component's pick: the variant, where and how it runs, and why."""
+
     component: str
     variant_id: str
     runtime: str
@@ -105,11 +221,37 @@ class Choice:
     reason: str
     options: Mapping[str, object] = field(default_factory=dict)
     rejected: tuple[tuple[str, str], ...] = ()  # (variant id, why it was not chosen)
+    precision: str = ""
+    #: Bytes the memory check reserved (size x headroom) in `memory_pool`.
+    memory_bytes: int = 0
+    memory_pool: str = ""
+    measured_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "component": self.component,
+            "variant": self.variant_id,
+            "runtime": self.runtime,
+            "device": self.device,
+            "precision": self.precision,
+            "reason": self.reason,
+            "options": dict(self.options),
+            "memory_bytes": self.memory_bytes,
+            "memory_pool": self.memory_pool,
+            "measured_ms": self.measured_ms,
+            "rejected": [{"variant": v, "why": why} for v, why in self.rejected],
+        }
 
 
 @dataclass(frozen=True)
 class Plan:
+    """Per component the chosen variant; prints as a table."""
+
     choices: tuple[Choice, ...]
+    target: str = ""
+    objective: str = Objective.LATENCY.value
+    fingerprint: str = ""
+    notes: tuple[str, ...] = ()
 
     def __getitem__(self, component: str) -> Choice:
         for choice in self.choices:
@@ -120,84 +262,559 @@ class Plan:
     def __contains__(self, component: object) -> bool:
         return any(c.component == component for c in self.choices)
 
+    def __iter__(self):
+        return iter(self.choices)
+
+    def __len__(self) -> int:
+        return len(self.choices)
+
     def rows(self) -> list[tuple[str, str, str, str, str]]:
         return [(c.component, c.variant_id, c.runtime, c.device, c.reason) for c in self.choices]
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "objective": self.objective,
+            "fingerprint": self.fingerprint,
+            "notes": list(self.notes),
+            "choices": [c.to_dict() for c in self.choices],
+        }
+
+    def table(self, *, verbose: bool = False) -> str:
+        """A plain-text table; `verbose` adds every rejected variant under its component."""
+        header = ("component", "variant", "runtime", "device", "reason")
+        rows = self.rows()
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+
+        def line(row: Sequence[str]) -> str:
+            cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=False)]
+            return "  ".join([*cells, row[4]]).rstrip()
+
+        title = f"plan ({self.objective}"
+        title += f", target {self.target}" if self.target else ""
+        title += f", hardware {self.fingerprint})" if self.fingerprint else ")"
+        out = [title, line(header), line(["-" * w for w in widths] + ["-" * 6])]
+        for choice, row in zip(self.choices, rows, strict=True):
+            out.append(line(row))
+            if verbose:
+                indent = " " * (widths[0] + 2)
+                out += [f"{indent}not {vid}: {why}" for vid, why in choice.rejected]
+        out += [f"note: {n}" for n in self.notes]
+        return "\n".join(out)
+
     def __str__(self) -> str:
-        return "\n".join(f"{c}: {v} on {r}/{d} ({why})" for c, v, r, d, why in self.rows())
+        return self.table()
 
 
-def select(manifest: Manifest, profile: HardwareProfile, policy: Policy = Policy()) -> Plan:
-    """Pick one variant per component, or raise naming the component that cannot run."""
+# ------------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One variant on one device, with everything ranking and reasons need."""
+
+    variant: Variant
+    rank: int  # position in the target's order; len(order) when not listed
+    entry: Placement | None
+    kind: DeviceKind
+    device: str = ""  # concrete name once resolved
+    why: str = ""  # non-empty: dropped, and why
+    device_level: bool = False  # `why` concerns this device, not the variant as such
+    preferred: Constraint | None = None
+    measured_ms: float | None = None
+    pool: str = ""
+    pool_label: str = ""
+    pool_bytes: int | None = None
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.id}@{self.device or self.kind.value}"
+
+    def rejection(self) -> tuple[str, str]:
+        if self.device_level:
+            return self.variant.id, f"on {self.device or self.kind.value}: {self.why}"
+        return self.variant.id, self.why
+
+
+def select(
+    manifest: Manifest,
+    profile: HardwareProfile,
+    policy: Policy = Policy(),
+    target: TargetProfile | None = None,
+) -> Plan:
+    """Pick one variant, runtime and device per component, or raise saying why not.
+
+    `target` defaults to `match_target(profile)`. Raises `InvalidRequestError` when a
+    `require` constraint cannot be met and `BackendUnavailableError` when nothing at all
+    can run a component; the message names the component and every variant's reason.
+    """
+    target = match_target(profile) if target is None else with_cpu_fallback(target, profile)
     components = list(dict.fromkeys(v.component for v in manifest.variants))
-    return Plan(tuple(_choose(manifest, component, profile, policy) for component in components))
-
-
-def _choose(manifest: Manifest, component: str, profile: HardwareProfile, policy: Policy) -> Choice:
-    rejected: list[tuple[str, str]] = []
-    runnable: list[Variant] = []
-    for variant in manifest.variants_of(component):
-        why = _why_not_runnable(variant, profile, policy, component)
-        if why:
-            rejected.append((variant.id, why))
-        else:
-            runnable.append(variant)
-    if not runnable:
-        details = "; ".join(f"{vid}: {why}" for vid, why in rejected) or "no variants"
-        error = InvalidRequestError if policy.require else BackendUnavailableError
-        raise error(f"no runnable variant for {component}: {details}")
+    for constraint in (*policy.require, *policy.prefer):
+        if constraint.component is not None and constraint.component not in components:
+            raise InvalidRequestError(
+                f"{constraint} names component {constraint.component!r}; "
+                f"the artifact has {', '.join(components)}"
+            )
     measured = manifest.measurements.get(profile.fingerprint, {})
-    ranked = sorted(runnable, key=lambda v: _rank(v, component, measured, policy))
-    best = ranked[0]
-    rejected += [(v.id, "ranked lower") for v in ranked[1:]]
-    return Choice(
-        component=component,
-        variant_id=best.id,
-        runtime=RUNTIME_OF_TARGET[best.target],
-        device="cpu",
-        reason=_reason(best, component, measured, policy),
-        rejected=tuple(rejected),
+    notes: list[str] = []
+    failures = target.match.failures(profile)
+    if failures:
+        notes.append(f"target {target.name} does not match this machine: {'; '.join(failures)}")
+    if profile.memory.available_bytes is None:
+        notes.append("available RAM is unknown: CPU placements were not checked for memory")
+
+    candidates = {
+        c: _candidates(manifest, c, profile, policy, target, measured) for c in components
+    }
+    # Largest first: the component that matters most for speed gets first claim on memory.
+    by_size = sorted(
+        components,
+        key=lambda c: -max((x.variant.size_bytes for x in candidates[c]), default=0),
+    )
+    left: dict[str, int | None] = {}
+    holders: dict[str, list[str]] = {}
+    chosen: dict[str, Choice] = {}
+    for component in by_size:
+        chosen[component] = _choose(component, candidates[component], policy, target, left, holders)
+    return Plan(
+        tuple(chosen[c] for c in components),
+        target=target.name,
+        objective=policy.objective.value,
+        fingerprint=profile.fingerprint,
+        notes=tuple(notes),
     )
 
 
-def _why_not_runnable(
-    variant: Variant, profile: HardwareProfile, policy: Policy, component: str
-) -> str | None:
-    runtime = RUNTIME_OF_TARGET.get(variant.target)
-    if runtime is None:
-        return f"unknown target {variant.target}"
-    for constraint in policy.require:
-        if constraint.applies_to(component) and not constraint.matches(variant):
+def _candidates(
+    manifest: Manifest,
+    component: str,
+    profile: HardwareProfile,
+    policy: Policy,
+    target: TargetProfile,
+    measured: Mapping[str, Any],
+) -> list[_Candidate]:
+    out: list[_Candidate] = []
+    for variant in manifest.variants_of(component):
+        runtime = RUNTIME_OF_TARGET.get(variant.target)
+        if runtime is None:
+            entry = _Candidate(variant, len(target.order), None, DeviceKind.CPU)
+            out.append(_drop(entry, f"unknown target {variant.target!r}"))
+            continue
+        placements: list[tuple[int, Placement | None]] = list(
+            target.placements_for(variant.target, variant.precision)
+        )
+        if not placements:
+            placements = [(len(target.order), None)]
+        # A constraint that names a device places the variant there even if the order does not.
+        named = [
+            c.device
+            for c in (*policy.require, *policy.prefer)
+            if c.device is not None and c.applies_to(component) and c.matches(variant)
+        ]
+        for kind in dict.fromkeys(named):
+            if kind in DEVICES_OF_RUNTIME[runtime]:
+                placements.append((len(target.order), Placement(variant.target, None, kind)))
+        why_variant = _why_not_variant(variant, component, runtime, profile, policy)
+        if why_variant:  # one entry: the reason holds on every device
+            rank, entry = placements[0]
+            kind = entry.resolved_device if entry else _default_device(runtime)
+            out.append(_drop(_Candidate(variant, rank, entry, kind), why_variant))
+            continue
+        seen: set[DeviceKind] = set()
+        for rank, entry in placements:
+            kind = entry.resolved_device if entry else _default_device(runtime)
+            if kind not in seen:
+                seen.add(kind)
+                cand = _Candidate(variant, rank, entry, kind)
+                out.append(_place(cand, component, runtime, profile, policy, target, measured))
+    return out
+
+
+def _drop(cand: _Candidate, why: str, device_level: bool = False) -> _Candidate:
+    return replace(cand, why=why, device_level=device_level)
+
+
+def _default_device(runtime: str) -> DeviceKind:
+    return DEVICES_OF_RUNTIME[runtime][0]
+
+
+def _why_not_variant(
+    variant: Variant, component: str, runtime: str, profile: HardwareProfile, policy: Policy
+) -> str:
+    """Why `variant` cannot run anywhere here (empty when it may)."""
+    for constraint in policy.requirements_for(component):
+        if not constraint.matches(variant):
             return f"excluded by --require {constraint}"
     if not profile.has_runtime(runtime):
-        return f"{runtime} is not installed"
+        info = profile.runtime(runtime)
+        detail = info.detail if info is not None else ""
+        state = (
+            "is not installed" if detail in ("", "not installed") else f"is not usable ({detail})"
+        )
+        return f"{runtime} {state}; {install_hint(runtime)}"
     if variant.parity is not None and not variant.parity.passed and not policy.allow_failed_parity:
         return "failed its parity check at export"
-    return None
+    named = any(c.names(variant) for c in policy.requirements_for(component))
+    drift = _drift_problem(variant, policy.drift_budget)
+    if drift and not named:
+        return f"drift {drift} (require it by name to use it anyway)"
+    return ""
 
 
-def _rank(variant: Variant, component: str, measured: Mapping, policy: Policy) -> tuple:
-    preferred = any(c.applies_to(component) and c.matches(variant) for c in policy.prefer)
-    latency = measured.get(variant.id, {}).get("median_ms")
-    memory = variant.size_bytes if policy.objective == "memory" else 0
-    return (
-        not preferred,
-        latency is None,
-        latency or 0.0,
-        memory,
+def _drift_problem(variant: Variant, budget: Mapping[str, float]) -> str:
+    drift = variant.drift or {}
+    if drift.get("passed") is False:
+        return "failed its budget at quantization"
+    for metric, limit in budget.items():
+        value = drift.get(metric)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        higher = any(token in metric.lower() for token in _HIGHER_IS_BETTER)
+        if math.isnan(value) or (value < limit if higher else value > limit):
+            sign = "<" if higher else ">"
+            return f"{metric} {value:g} {sign} budget {limit:g}"
+    return ""
+
+
+def _place(
+    cand: _Candidate,
+    component: str,
+    runtime: str,
+    profile: HardwareProfile,
+    policy: Policy,
+    target: TargetProfile,
+    measured: Mapping[str, Any],
+) -> _Candidate:
+    """Resolve the device, check it, attach memory pool, options, preference, measurement."""
+    variant, kind = cand.variant, cand.kind
+    for constraint in policy.requirements_for(component):
+        if constraint.device is not None and constraint.device != kind:
+            return _drop(cand, f"excluded by --require {constraint}", device_level=True)
+    device, gpu, why = _resolve_device(kind, runtime, variant, profile)
+    cand = replace(cand, device=device or kind.value)
+    if why:
+        return _drop(cand, why, device_level=True)
+    if variant.precision is Precision.BF16 and kind is DeviceKind.CUDA and gpu is not None:
+        cc = _cc(gpu.compute_capability)
+        if cc is not None and cc < (8, 0):
+            return _drop(
+                cand,
+                f"bf16 needs compute capability 8.0+, {gpu.name} is sm {gpu.compute_capability}",
+                device_level=True,
+            )
+    pool, label, free = _pool(kind, device, gpu, profile)
+    entry = measured.get(variant.id) if isinstance(measured, Mapping) else None
+    ms = None
+    if isinstance(entry, Mapping) and isinstance(entry.get("median_ms"), (int, float)):
+        where = entry.get("device")
+        if where is None or where in (device, kind.value):
+            ms = float(entry["median_ms"])
+    preferred = next(
+        (c for c in policy.prefer if c.applies_to(component) and c.matches(variant, kind)),
+        None,
+    )
+    options = _derived_options(runtime, kind)
+    options.update(target.options_for(variant.target, variant.precision, kind))
+    return replace(
+        cand,
+        preferred=preferred,
+        measured_ms=ms,
+        pool=pool,
+        pool_label=label,
+        pool_bytes=free,
+        options=MappingProxyType(options),
+    )
+
+
+def _derived_options(runtime: str, kind: DeviceKind) -> dict[str, object]:
+    if runtime == "onnxruntime":
+        providers = ["CPUExecutionProvider"]
+        if kind is DeviceKind.CUDA:
+            providers.insert(0, "CUDAExecutionProvider")
+        return {"providers": providers}
+    return {}
+
+
+def _cc(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(p) for p in str(text).strip().split("."))
+    except ValueError:
+        return None
+
+
+def _vram(gpu: GpuInfo) -> int:
+    return gpu.vram_free_bytes if gpu.vram_free_bytes is not None else gpu.vram_total_bytes or 0
+
+
+def _resolve_device(
+    kind: DeviceKind, runtime: str, variant: Variant, profile: HardwareProfile
+) -> tuple[str | None, GpuInfo | None, str]:
+    """(concrete device name, GPU if CUDA, why it cannot be used or "")."""
+    if kind is DeviceKind.CPU:
+        if runtime != "openvino":
+            return "cpu", None, ""
+        if not profile.openvino_devices:  # the CPU plugin always ships with OpenVINO
+            return "CPU", None, ""
+        return _openvino_device(profile, "CPU")
+    if kind is DeviceKind.MPS:
+        if runtime != "torch":
+            return None, None, f"{runtime} cannot use MPS"
+        if not profile.mps_available:
+            return "mps", None, "MPS is not available"
+        return "mps", None, ""
+    if kind in (DeviceKind.GPU, DeviceKind.NPU):
+        if runtime != "openvino":
+            return None, None, f"{runtime} cannot use an OpenVINO {kind.value.upper()} device"
+        return _openvino_device(profile, kind.value.upper())
+    # CUDA
+    nvidia = sorted(
+        (g for g in profile.gpus if g.vendor.lower() == "nvidia"),
+        key=lambda g: (-_vram(g), g.index),
+    )
+    if not nvidia:
+        return "cuda", None, "no NVIDIA GPU"
+    if runtime == "tensorrt":
+        return _tensorrt_gpu(variant, nvidia, profile)
+    gpu = nvidia[0]
+    device = f"cuda:{gpu.index}"
+    if runtime == "onnxruntime" and "CUDAExecutionProvider" not in profile.onnxruntime_providers:
+        have = ", ".join(profile.onnxruntime_providers) or "none"
+        return (
+            device,
+            gpu,
+            (
+                f"onnxruntime has no CUDAExecutionProvider (has {have}); "
+                f"{install_hint('onnxruntime-gpu')} instead of onnxruntime"
+            ),
+        )
+    if runtime == "torch":
+        info = profile.runtime("torch")
+        detail = info.detail if info is not None else ""
+        if not (detail or "").lower().startswith("cuda"):
+            return device, gpu, f"torch is not a CUDA build ({detail or 'unknown build'})"
+    return device, gpu, ""
+
+
+def _openvino_device(profile: HardwareProfile, wanted: str) -> tuple[str | None, None, str]:
+    names = sorted(d.name for d in profile.openvino_devices)
+    for name in names:
+        if name == wanted or name.startswith(wanted + "."):
+            return name, None, ""
+    return wanted, None, f"no OpenVINO {wanted} device (OpenVINO sees {', '.join(names) or 'none'})"
+
+
+def _tensorrt_gpu(
+    variant: Variant, nvidia: list[GpuInfo], profile: HardwareProfile
+) -> tuple[str, GpuInfo | None, str]:
+    built = variant.built_for or {}
+    want_trt = built.get("tensorrt")
+    want_cc = _cc(built.get("compute_capability"))
+    want_name = built.get("gpu")
+    if not want_trt or (want_cc is None and not want_name):
+        return (
+            "cuda",
+            None,
+            (
+                "TensorRT plan does not record the GPU and TensorRT version it was built for; rebuild it"
+            ),
+        )
+    info = profile.runtime("tensorrt")
+    have_trt = info.version if info is not None else None
+    if not have_trt:
+        return "cuda", None, "installed TensorRT version is unknown; a plan is tied to its version"
+    if str(have_trt).split(".")[: len(str(want_trt).split("."))] != str(want_trt).split("."):
+        return (
+            "cuda",
+            None,
+            (f"TensorRT plan built with TensorRT {want_trt}, installed is {have_trt}; rebuild it"),
+        )
+    ampere_plus = str(built.get("hardware_compatibility", "")).lower().replace("_", "") in (
+        "ampere+",
+        "ampereplus",
+    )
+    for gpu in nvidia:
+        cc = _cc(gpu.compute_capability)
+        if ampere_plus:
+            if cc is not None and cc >= (8, 0):
+                return f"cuda:{gpu.index}", gpu, ""
+        elif (want_cc is None or cc == want_cc) and (not want_name or gpu.name == want_name):
+            return f"cuda:{gpu.index}", gpu, ""
+    built_desc = f"{want_name or 'a GPU'}" + (
+        f" (sm {built.get('compute_capability')})" if want_cc else ""
+    )
+    if ampere_plus:
+        built_desc = "Ampere or newer (hardware compatibility ampere+)"
+    have = ", ".join(f"{g.name} (sm {g.compute_capability or '?'})" for g in nvidia)
+    return "cuda", None, f"TensorRT plan built for {built_desc}, this machine has {have}"
+
+
+def _pool(
+    kind: DeviceKind, device: str | None, gpu: GpuInfo | None, profile: HardwareProfile
+) -> tuple[str, str, int | None]:
+    """(pool key, readable name, free bytes or None if unknown) the device allocates from."""
+    if kind is DeviceKind.CUDA and gpu is not None:
+        return f"cuda:{gpu.index}", f"free VRAM on cuda:{gpu.index}", _vram(gpu) or None
+    if kind is DeviceKind.GPU and device:
+        ov = profile.openvino_device(device)
+        kind_text = (ov.get("DEVICE_TYPE") or "").upper() if ov else ""
+        size = ov.get("GPU_DEVICE_TOTAL_MEM_SIZE") if ov else None
+        if "DISCRETE" in kind_text and size and size.isdigit():
+            return f"openvino:{device}", f"memory of OpenVINO {device}", int(size)
+        return (
+            "ram",
+            "available RAM (shared with the integrated GPU)",
+            profile.memory.available_bytes,
+        )
+    return "ram", "available RAM", profile.memory.available_bytes
+
+
+def _rank_key(cand: _Candidate, policy: Policy) -> tuple:
+    variant = cand.variant
+    ms = (cand.measured_ms is None, cand.measured_ms or 0.0)
+    static = (
+        cand.rank,
         DEFAULT_TARGET_ORDER.index(variant.target)
         if variant.target in DEFAULT_TARGET_ORDER
         else 99,
         DEFAULT_PRECISION_ORDER.index(variant.precision),
+        variant.id,
+    )
+    if policy.objective is Objective.MEMORY:
+        return (cand.preferred is None, variant.size_bytes, *ms, *static)
+    return (cand.preferred is None, *ms, *static)
+
+
+def _gib(n: float) -> str:
+    if n >= GIB / 10:
+        return f"{n / GIB:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
+def _choose(
+    component: str,
+    candidates: list[_Candidate],
+    policy: Policy,
+    target: TargetProfile,
+    left: dict[str, int | None],
+    holders: dict[str, list[str]],
+) -> Choice:
+    runnable = sorted((c for c in candidates if not c.why), key=lambda c: _rank_key(c, policy))
+    dropped = [c for c in candidates if c.why]
+    best: _Candidate | None = None
+    need = 0
+    tried = 0
+    for cand in runnable:
+        tried += 1
+        need = math.ceil(cand.variant.size_bytes * policy.memory_headroom)
+        free = left.get(cand.pool, cand.pool_bytes)
+        if free is not None and need > free:
+            after = f" after {', '.join(holders[cand.pool])}" if holders.get(cand.pool) else ""
+            dropped.append(
+                _drop(
+                    cand,
+                    f"needs {_gib(need)} ({_gib(cand.variant.size_bytes)} x "
+                    f"{policy.memory_headroom:g} headroom), {cand.pool_label} is {_gib(free)}{after}",
+                    device_level=True,
+                )
+            )
+            continue
+        best = cand
+        if free is not None:
+            left[cand.pool] = free - need
+        holders.setdefault(cand.pool, []).append(component)
+        break
+    if best is None:
+        raise _no_runnable(component, candidates, dropped, policy)
+    others = runnable[tried:]  # runnable, never needed
+    rejected = [c.rejection() for c in sorted(dropped, key=lambda c: c.rank)]
+    rejected += [(c.variant.id, f"on {c.device}: ranked lower") for c in others]
+    rejected = list(dict.fromkeys(rejected))
+    return Choice(
+        component=component,
+        variant_id=best.variant.id,
+        runtime=RUNTIME_OF_TARGET[best.variant.target],
+        device=best.device,
+        reason=_reason(best, runnable, dropped, policy, target, component),
+        options=best.options,
+        rejected=tuple(rejected),
+        precision=best.variant.precision.value,
+        memory_bytes=need,
+        memory_pool=best.pool,
+        measured_ms=best.measured_ms,
     )
 
 
-def _reason(variant: Variant, component: str, measured: Mapping, policy: Policy) -> str:
-    if any(c.applies_to(component) and c.matches(variant) for c in policy.prefer):
-        return "preferred by the caller"
-    latency = measured.get(variant.id, {}).get("median_ms")
-    if latency is not None:
-        return f"fastest measured on this hardware ({latency:.1f} ms median)"
-    if policy.objective == "memory":
-        return "smallest runnable variant"
-    return f"first runnable in the default order ({' > '.join(DEFAULT_TARGET_ORDER)}, fp32 first)"
+def _no_runnable(
+    component: str, candidates: list[_Candidate], dropped: list[_Candidate], policy: Policy
+) -> Exception:
+    requirements = policy.requirements_for(component)
+
+    def describe(cands: list[_Candidate]) -> list[str]:
+        return list(dict.fromkeys(f"{vid}: {why}" for vid, why in (c.rejection() for c in cands)))
+
+    if not requirements:
+        details = "; ".join(describe(dropped)) or "the artifact has no variants for it"
+        return BackendUnavailableError(f"no runnable variant for {component}: {details}")
+    wanted = " and ".join(f"--require {c}" for c in requirements)
+    relevant = describe([c for c in dropped if "excluded by --require" not in c.why])
+    if not relevant:
+        have = ", ".join(dict.fromkeys(c.variant.id for c in candidates)) or "none"
+        details = f"the artifact has no {component} variant that matches (it has {have})"
+    else:
+        details = "; ".join(relevant)
+    return InvalidRequestError(f"no runnable variant for {component} meets {wanted}: {details}")
+
+
+def _reason(
+    best: _Candidate,
+    runnable: list[_Candidate],
+    dropped: list[_Candidate],
+    policy: Policy,
+    target: TargetProfile,
+    component: str,
+) -> str:
+    parts: list[str] = []
+    requirements = policy.requirements_for(component)
+    if requirements:
+        parts.append("meets " + " and ".join(f"--require {c}" for c in requirements))
+        drift = _drift_problem(best.variant, policy.drift_budget)
+        if drift:
+            parts.append(f"drift {drift} accepted: required by name")
+    static = _static_position(best, target)
+    if best.preferred is not None:
+        parts.append(f"preferred by the caller (--prefer {best.preferred})")
+    elif best.measured_ms is not None:
+        rivals = [c for c in runnable if c is not best and c.measured_ms is not None]
+        text = f"fastest measured on this hardware ({best.measured_ms:.1f} ms median"
+        if rivals:
+            rival = min(rivals, key=lambda c: c.measured_ms or 0.0)
+            text += f"; next {rival.variant.id} {rival.measured_ms:.1f} ms"
+        text += ")"
+        unmeasured = [c for c in runnable if c.measured_ms is None]
+        if any(c.rank < best.rank for c in runnable if c is not best):
+            text += f", over {target.name}'s order"
+        if unmeasured:
+            text += f"; {len(unmeasured)} runnable not measured"
+        parts.append(text)
+    elif policy.objective is Objective.MEMORY:
+        parts.append(f"smallest runnable variant ({_gib(best.variant.size_bytes)}), {static}")
+    else:
+        parts.append(static if best.rank >= len(target.order) else f"first runnable in {static}")
+    if best.preferred is None and best.measured_ms is None:
+        skipped = sorted((c for c in dropped if c.rank < best.rank), key=lambda c: c.rank)
+        skipped = [c for c in skipped if "excluded by --require" not in c.why]
+        if skipped:
+            first = skipped[0]
+            more = f" (+{len(skipped) - 1} more)" if len(skipped) > 1 else ""
+            parts.append(f"skipped {first.label}: {first.why}{more}")
+    return "; ".join(parts)
+
+
+def _static_position(cand: _Candidate, target: TargetProfile) -> str:
+    if cand.rank >= len(target.order):
+        return f"not in {target.name}'s order, on {cand.device}"
+    return f"{target.name}'s order (#{cand.rank + 1} {cand.entry})"

@@ -25,7 +25,10 @@ class OnnxRuntimeSession(Session):
         *,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        low_memory: bool = False,
     ) -> None:
+        """`low_memory` skips weight pre-packing and the memory arena: slower, but a
+        one-off run (a parity check) then needs about the model's size, not twice it."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -34,6 +37,9 @@ class OnnxRuntimeSession(Session):
             ) from None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if low_memory:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            options.enable_cpu_mem_arena = False
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         available = ort.get_available_providers()
