@@ -35,6 +35,7 @@ def test_both_targets_share_one_manifest_with_parity(both_targets):
 
 def test_openvino_generate_matches_onnxruntime_and_diffusers(both_targets, monkeypatch, tmp_path):
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KILN_OPENVINO_STATIC_SHAPES", "1")
     on_ov = kiln.load(both_targets, require="openvino:fp32")
     on_ort = kiln.load(both_targets, require="onnx:fp32")
     assert {c.runtime for c in on_ov.plan.choices} == {"openvino"}
