@@ -59,7 +59,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
+    for name in (
+        "torch.onnx",
+        "torch._dynamo",
+        "torch.export",
+        "torch.utils._pytree",
+        "onnxscript",
+        "torchao",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

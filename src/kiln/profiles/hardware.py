@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -779,9 +780,33 @@ def _runtime_detail(name: str, module: Any) -> str:
     return ""
 
 
+# Optional packages are reported from their installed metadata, never imported: importing
+# torchao or bitsandbytes costs seconds, prints warnings, and, run from a probe thread beside
+# other imports of torch, breaks them ("Could not import module 'BlipProcessor'").
+_METADATA_ONLY = {
+    "tensorrt": "tensorrt",
+    "bitsandbytes": "bitsandbytes",
+    "nncf": "nncf",
+    "torchao": "torchao",
+}
+# Runtimes whose probes need the module itself; imported in the calling thread before any
+# probe thread starts, because concurrent first imports of torch-based packages are unsafe.
+_IMPORTED_RUNTIMES = ("torch", "onnxruntime", "openvino")
+
+
 def _probe_runtime(name: str, notes: list[str]) -> RuntimeInfo:
     import importlib
+    import importlib.util
 
+    if name in _METADATA_ONLY:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return RuntimeInfo(name=name, available=False, detail="not installed")
+        version = _dist_version(_METADATA_ONLY[name])
+        return RuntimeInfo(name=name, version=version, available=True, detail="installed")
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -861,6 +886,9 @@ def _run_probes(timeout_s: float) -> HardwareProfile:
             RuntimeInfo(name=rt, available=False, detail="probe failed"),
         )
 
+    for name in _IMPORTED_RUNTIMES:
+        with contextlib.suppress(Exception):  # a failing import is reported by its probe
+            importlib.import_module(name)
     started = {label: _start_probe(label, fn) for label, (fn, _) in probes.items()}
     concurrent.futures.wait([f for f, _ in started.values()], timeout=max(0.0, timeout_s))
 
