@@ -32,7 +32,7 @@ from kiln.artifacts import (
     variant_folder,
     write_manifest,
 )
-from kiln.errors import ArtifactError, ExportError, SourceError
+from kiln.errors import ArtifactError, ExportError
 from kiln.models.sources import LoadedModel, load_source
 from kiln.models.spec import ComponentSpec, Precision
 
@@ -41,7 +41,7 @@ TARGETS = ("onnx", "openvino")
 
 @dataclass(frozen=True)
 class ExportEvent:
-    """A progress report: `stage` is one of start, exported, parity, done, skipped."""
+    """A progress report: `stage` is one of start, exported, optimized, parity, done."""
 
     component: str
     stage: str
@@ -307,4 +307,4 @@ def _summary(variant: Variant) -> str:
     return f"{variant.folder}: {size:.1f} MiB"
 
 
-__all__ = ["ExportEvent", "SourceError", "export"]
+__all__ = ["ExportEvent", "ExportOptions", "export"]

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.errors import SourceError, UnsupportedModelError
 from kiln.models.sources import LoadedModel, SourceInfo, free_weights
-from kiln.models.spec import ComponentSpec, Dim, DType, Precision, TensorSpec, Tolerance
+from kiln.models.spec import (
+    DEFAULT_TOLERANCES,
+    ComponentSpec,
+    Dim,
+    DType,
+    Precision,
+    TensorSpec,
+    Tolerance,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -252,7 +260,7 @@ def _vae_specs(info: DiffusionModelInfo) -> tuple[ComponentSpec, ComponentSpec]:
                 ("batch", 2 * channels, "latent_height", "latent_width"),
             ),
         ),
-        tolerances={**_default_tolerances(), **vae_tolerances},
+        tolerances={**DEFAULT_TOLERANCES, **vae_tolerances},
         description="AutoencoderKL encoder (+ quant_conv): mean and log-variance",
         graph_kind="vae",
     )
@@ -261,17 +269,11 @@ def _vae_specs(info: DiffusionModelInfo) -> tuple[ComponentSpec, ComponentSpec]:
         family=FAMILY,
         inputs=(TensorSpec("latent_sample", DType.FLOAT32, (_batch(), channels, height, width)),),
         outputs=(TensorSpec("sample", DType.FLOAT32, ("batch", 3, "height", "width")),),
-        tolerances={**_default_tolerances(), **vae_tolerances},
+        tolerances={**DEFAULT_TOLERANCES, **vae_tolerances},
         description="AutoencoderKL (post_quant_conv +) decoder",
         graph_kind="vae",
     )
     return encoder, decoder
-
-
-def _default_tolerances() -> dict[Precision, Tolerance]:
-    from kiln.models.spec import DEFAULT_TOLERANCES
-
-    return dict(DEFAULT_TOLERANCES)
 
 
 def export_module(pipeline: DiffusionPipeline, component: str) -> torch.nn.Module:
