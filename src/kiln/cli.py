@@ -66,6 +66,7 @@ def _quiet_libraries() -> None:
         "torch.utils._pytree",
         "onnxscript",
         "torchao",
+        "bitsandbytes",
     ):
         logging.getLogger(name).setLevel(logging.ERROR)
 
