@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.errors import KilnError
+from kiln.models.sources import quiet_progress_bars
 
 DEMO_MARKER = ".kiln-demo"
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -38,6 +39,7 @@ def run_demo(
     from kiln.models.tiny import save_pipeline
 
     _claim_folder(out)
+    quiet_progress_bars()
     model_dir, artifact_dir = out / "model", out / "artifact"
     shutil.rmtree(artifact_dir, ignore_errors=True)
     console.print("[bold]1/4[/] building a tiny Stable Diffusion 1.x model with random weights")

@@ -80,10 +80,20 @@ def free_weights(module: torch.nn.Module | None) -> None:
         tensor.data = torch.empty(0, dtype=tensor.dtype)
 
 
+def quiet_progress_bars() -> None:
+    """Turn off diffusers' and transformers' own loading/saving bars: kiln reports progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_source(source: str | os.PathLike[str], *, config: str | None = None) -> LoadedModel:
     """Load a model from a local folder, a single checkpoint file, or a hub id."""
     text = os.fspath(source)
     path = Path(text).expanduser()
+    quiet_progress_bars()
     if path.is_file():
         return _load_single_file(path, config)
     if path.is_dir():
