@@ -271,10 +271,11 @@ class _ComponentExport:
 
 
 def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS.
+    """Collect garbage and hand freed heap pages back to the OS before a session loads.
 
-    glibc keeps freed memory in its arenas; without the trim, a released 3 GB UNet still
-    counts in RSS while the runtime session for its parity check loads beside it.
+    glibc keeps freed memory in its arenas. For the SD 1.5 UNet the peak did not move
+    (7.36 GiB): onnxscript keeps tensors aliasing the source weights' file mapping alive until
+    the next export; exporting in a child process is the fix that remains.
     """
     gc.collect()
     if sys.platform.startswith("linux"):

@@ -68,9 +68,10 @@ class LoadedModel(abc.ABC):
 def free_weights(module: torch.nn.Module | None) -> None:
     """Drop a module's parameter and buffer storage in place.
 
-    Exporters can keep references to parameters after export (onnxscript's rewrite rules
-    hold on to the last graph they saw, and with it every weight), so dropping the module
-    is not enough; emptying the tensors frees the memory whoever still points at them.
+    Exporters keep references to parameters after export (onnxscript's rewrite rules hold on
+    to the last graph they saw), so dropping the module is not enough; emptying the tensors
+    frees what is reached through them. Tensors an exporter made that alias the weights stay
+    alive (see the export runner), which only a child process per export would fix.
     """
     if module is None:
         return
