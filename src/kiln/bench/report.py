@@ -233,17 +233,7 @@ def plot_components(report: dict[str, Any], path: Path) -> Path:
             parts["unet (all steps)"].append(unet_total)
             parts["vae decode"].append(vae)
             parts["other"].append(max(0.0, total - text - unet_total - vae))
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(labels) + 2), 4.5), dpi=100)
-    bottom = [0.0] * len(labels)
-    for name, values in parts.items():
-        ax.bar(labels, values, bottom=bottom, label=name)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_ylabel("median latency per generate call (ms)")
-    ax.set_title("where the time goes, per variant")
-    if labels:
-        ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelsize=8)
-    return _save(fig, plt, path)
+    return _stacked_bars(labels, parts, "median latency per generate call (ms)", path, plt)
 
 
 def _plot_caption_components(report: dict[str, Any], path: Path, plt: Any) -> Path:
@@ -273,12 +263,19 @@ def _plot_caption_components(report: dict[str, Any], path: Path, plt: Any) -> Pa
             parts["cross-attention kv"].append(cross)
             parts["decoder (all steps)"].append(decoder)
             parts["other"].append(max(0.0, total - vision - cross - decoder))
+    return _stacked_bars(labels, parts, "median latency per caption call (ms)", path, plt)
+
+
+def _stacked_bars(
+    labels: list[str], parts: dict[str, list[float]], ylabel: str, path: Path, plt: Any
+) -> Path:
+    """One bar per variant and case, stacked by component."""
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(labels) + 2), 4.5), dpi=100)
     bottom = [0.0] * len(labels)
     for name, values in parts.items():
         ax.bar(labels, values, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_ylabel("median latency per caption call (ms)")
+    ax.set_ylabel(ylabel)
     ax.set_title("where the time goes, per variant")
     if labels:
         ax.legend(fontsize=8)
