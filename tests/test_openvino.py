@@ -76,3 +76,76 @@ def test_static_shape_cache_is_bounded(both_targets):
         out = session.run({"latent_sample": np.zeros((1, 4, side, side), np.float32)})
         assert out["sample"].shape == (1, 3, side * 8, side * 8)
     assert [dict(key)["latent_sample"] for key in session.static_shapes_compiled] == [(1, 4, 8, 8)]
+
+
+@pytest.mark.parametrize(
+    ("preset", "pipeline_class"),
+    [("sd2", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")],
+)
+def test_sd2_and_xl_on_openvino_match_diffusers(
+    tiny_models, tmp_path, monkeypatch, preset, pipeline_class
+):
+    from test_generate import MIN_PSNR, _reference
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / preset
+    kiln.export(tiny_models[preset], out, targets=["openvino"])
+    # 96x128 is neither the traced nor the parity shape.
+    ours = kiln.load(out).generate(PROMPT, steps=3, seed=4, width=96, height=128)
+    reference = _reference(
+        tiny_models[preset],
+        pipeline_class,
+        prompt=PROMPT,
+        num_inference_steps=3,
+        width=96,
+        height=128,
+        seed=4,
+    )[0]
+    assert psnr(ours.image, reference) >= MIN_PSNR
+
+
+@pytest.mark.parametrize("preset", ["blip", "blip2-opt"])
+def test_captioning_on_openvino_is_token_identical(tmp_path, monkeypatch, preset):
+    import numpy as np
+    import torch
+    import transformers
+    from PIL import Image
+
+    from kiln.models.tiny_captioning import save_model
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = save_model(preset, tmp_path / "model", seed=0)
+    out = tmp_path / "artifact"
+    kiln.export(model_dir, out, targets=["openvino"])
+    deployment = kiln.load(out)
+    assert {c.runtime for c in deployment.plan.choices} == {"openvino"}
+    family = "Blip2" if preset.startswith("blip2") else "Blip"
+    model = getattr(transformers, f"{family}ForConditionalGeneration").from_pretrained(model_dir)
+    processor = getattr(transformers, f"{family}Processor").from_pretrained(model_dir)
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (41, 57, 3), dtype=np.uint8))
+    for beams in (1, 3):
+        ours = deployment.caption([image], num_beams=beams, max_new_tokens=12).sequences[0]
+        with torch.inference_mode():
+            theirs = model.eval().generate(
+                **processor(images=image, return_tensors="pt"), num_beams=beams, max_new_tokens=12
+            )
+        assert ours == theirs[0].tolist(), beams
+
+
+def test_blip_matching_on_openvino(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from kiln.models.tiny_captioning import save_model
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = save_model("blip-itm", tmp_path / "model", seed=0)
+    kiln.export(model_dir, tmp_path / "ov", targets=["openvino"])
+    kiln.export(model_dir, tmp_path / "onnx", targets=["onnx"])
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    texts = ["a dog", "a red car on a road"]
+    ov = kiln.load(tmp_path / "ov").match(image, texts)
+    ort = kiln.load(tmp_path / "onnx").match(image, texts)
+    np.testing.assert_allclose(ov.itm_probabilities, ort.itm_probabilities, atol=1e-4)
+    np.testing.assert_allclose(ov.itc_similarities, ort.itc_similarities, atol=1e-4)

@@ -54,6 +54,9 @@ MIB = 1024**2
 
 def variant(component, target, precision, gib, **kwargs) -> Variant:
     path = f"{component}/{target}-{precision}/model"
+    if precision != "fp32":
+        # As `kiln quantize` records it; drift-free quantized variants are never selected.
+        kwargs.setdefault("drift", {"psnr": 30.0})
     files = (FileEntry(path=path, sha256="0" * 64, size=int(gib * GIB)),)
     return Variant(
         component=component,
@@ -821,7 +824,7 @@ def test_drift_metric_directions_and_failed_flag():
         m = sd15(variant("unet", "openvino", "int8", 0.8, drift=drift))
         plan = select(m, profile, Policy(drift_budget=budget))
         assert (plan["unet"].variant_id == "unet/openvino/int8") is ok, drift
-    assert DEFAULT_DRIFT_BUDGET == {"psnr": 20.0}
+    assert DEFAULT_DRIFT_BUDGET == {"psnr": 20.0, "bleu": 0.3}
     assert parse_drift_budget("psnr=25") == {"psnr": 25.0}
     assert parse_drift_budget(["psnr=25", "max_abs=0.1"]) == {"psnr": 25.0, "max_abs": 0.1}
     with pytest.raises(InvalidRequestError, match="METRIC=NUMBER"):
@@ -981,3 +984,11 @@ def test_target_profile_is_frozen():
         target.name = "x"  # type: ignore[misc]
     with pytest.raises(TypeError):
         target.options[0][1]["cuda_graph"] = True  # type: ignore[index]
+
+
+def test_quantized_variant_without_end_to_end_drift_is_not_auto_selected():
+    profile = PROFILES["amd-avx2"]
+    m = sd15(variant("unet", "openvino", "int8", 0.8, drift={"component": {"calls": 2}}))
+    plan = select(m, profile, Policy())
+    assert plan["unet"].variant_id != "unet/openvino/int8"
+    assert "never measured" in rejected(plan, "unet")["unet/openvino/int8"]

@@ -121,6 +121,12 @@ def export(
         bool,
         typer.Option(help="Try onnxruntime graph fusions; keep them only where measurably faster."),
     ] = False,
+    precision: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also quantize to fp16/bf16/int8/int4/nf4 (repeatable), as `kiln quantize`."
+        ),
+    ] = None,
 ) -> None:
     """Export each component of SOURCE, check parity against PyTorch, write OUT/manifest.json."""
     from kiln.exporters.runner import export as run_export
@@ -141,6 +147,87 @@ def export(
         )
     console.print(
         f"exported {len(manifest.variants)} variant(s) to {out} in {time.perf_counter() - started:.1f} s"
+    )
+    for name in precision or ():
+        _run_quantize(out, name, target, component or [])
+
+
+# --------------------------------------------------------------------------------- quantize
+
+
+@app.command()
+def quantize(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder made by `kiln export`.")],
+    precision: Annotated[str, typer.Option(help="fp16, bf16, int8, int4 or nf4.")],
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", "-t", help="Quantize this target's fp32 variants (repeatable)."),
+    ] = None,
+    component: Annotated[
+        list[str] | None,
+        typer.Option("--component", "-c", help="Only these components (repeatable)."),
+    ] = None,
+    calibration: Annotated[
+        int, typer.Option(help="Prompts (SD) or images (BLIP) the fp32 pipeline runs.")
+    ] = 8,
+    method: Annotated[
+        str | None,
+        typer.Option(help="cast, weight-only, dynamic, static or hybrid (default: per cell)."),
+    ] = None,
+    group_size: Annotated[int | None, typer.Option(help="Block size for int4/nf4.")] = None,
+    ratio: Annotated[
+        float | None, typer.Option(help="OpenVINO int4/nf4: share of layers at 4 bit.")
+    ] = None,
+    asymmetric: Annotated[bool, typer.Option(help="Asymmetric int4/int8 weights.")] = False,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Calibration prompts, one per line (SD).")
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="Calibration image folder (BLIP).")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps per calibration prompt.")] = 4,
+    size: Annotated[int | None, typer.Option(help="Calibration image side in pixels.")] = None,
+) -> None:
+    """Add quantized variants to ARTIFACT, with their size and measured drift against fp32."""
+    _run_quantize(
+        artifact,
+        precision,
+        target or [],
+        component or [],
+        calibration=calibration,
+        method=method,
+        group_size=group_size,
+        ratio=ratio,
+        symmetric=False if asymmetric else None,
+        prompts=prompts,
+        images=images,
+        steps=steps,
+        size=size,
+    )
+
+
+def _run_quantize(
+    artifact: Path, precision: str, targets: list[str], components: list[str], **options: Any
+) -> None:
+    from kiln.quant.runner import quantize as run_quantize
+
+    started = time.perf_counter()
+    with progress_bar() as progress:
+        task = progress.add_task(f"quantize {precision}", total=None)
+
+        def report(event: Any) -> None:
+            where = f"{event.component}: " if event.component else ""
+            progress.update(task, description=f"{where}{event.stage} {event.detail}".strip())
+            if event.total:
+                progress.update(task, completed=event.done, total=event.total)
+            if event.stage == "done":
+                progress.console.print(f"[green]✓[/] {event.detail}", highlight=False)
+
+        manifest = run_quantize(
+            artifact, precision, targets=targets, components=components, progress=report, **options
+        )
+    count = sum(v.precision.value == precision for v in manifest.variants)
+    console.print(
+        f"{count} {precision} variant(s) in {artifact} after {time.perf_counter() - started:.1f} s; "
+        f"`kiln inspect {artifact}` lists their drift"
     )
 
 
@@ -356,34 +443,43 @@ def inspect(
 
 
 def _variants_table(manifest: Any) -> Table:
+    from kiln.profiles.select import DEFAULT_DRIFT_BUDGET, drift_problem
+
     table = Table(title="variants")
-    for column in (
-        "component",
-        "target",
-        "precision",
-        "size",
-        "parity (max |diff| / budget)",
-        "export",
-        "files",
-    ):
-        table.add_column(column)
+    for column in ("variant", "method", "size", "parity / drift", "auto-selected?"):
+        table.add_column(column, overflow="fold")
+    fp32_sizes = {
+        v.component: v.size_bytes for v in manifest.variants if v.precision.value == "fp32"
+    }
     for v in manifest.variants:
-        if v.parity is None:
-            parity = "not measured"
-        else:
-            name, worst, limit = v.parity.worst()
-            parity = f"{'ok' if v.parity.passed else 'FAILED'} {worst:.1e} / {limit:.1e}"
-        export_time = f"{v.export_seconds:.1f} s" if v.export_seconds is not None else "-"
+        size = _size(v.size_bytes)
+        if v.component in fp32_sizes and v.precision.value != "fp32":
+            size += f" ({v.size_bytes / max(fp32_sizes[v.component], 1):.0%})"
+        problem = drift_problem(v, DEFAULT_DRIFT_BUDGET)
+        if v.parity is not None and not v.parity.passed:
+            problem = "failed its parity check"
         table.add_row(
-            v.component,
-            v.target,
-            v.precision.value,
-            _size(v.size_bytes),
-            parity,
-            export_time,
-            str(len(v.files)),
+            v.id,
+            (v.quantization or {}).get("method", "export"),
+            size,
+            _quality(v),
+            Text(f"no: {problem}" if problem else "yes", style="yellow" if problem else ""),
         )
     return table
+
+
+def _quality(variant: Any) -> str:
+    """Parity against PyTorch for exported variants, drift against fp32 for quantized ones."""
+    if variant.parity is not None:
+        name, worst, limit = variant.parity.worst()
+        return f"parity {'ok' if variant.parity.passed else 'FAILED'} {worst:.1e} / {limit:.1e}"
+    drift = variant.drift or {}
+    shown = [
+        f"{m} {drift[m]:g}"
+        for m in ("psnr", "ssim", "bleu", "exact_match", "itm_abs")
+        if m in drift
+    ]
+    return ", ".join(shown) or "not measured"
 
 
 def _size(n: int) -> str:
@@ -417,6 +513,7 @@ def doctor(
     """Show this machine's hardware, installed runtimes, its deployment target, and the plan."""
     from kiln.profiles.hardware import detect, format_profile, install_hint
     from kiln.profiles.targets import target_for
+    from kiln.quant.recipes import matrix_status
 
     profile = detect()
     target = target_for(profile, target_profile)
@@ -435,6 +532,7 @@ def doctor(
                 "order": [str(p) for p in target.order],
             },
         }
+        data["quantization"] = matrix_status(profile)
         if plan is not None:
             data["plan"] = [
                 dict(zip(("component", "variant", "runtime", "device", "reason"), r, strict=True))
@@ -453,8 +551,19 @@ def doctor(
     missing = [r.name for r in profile.runtimes if not r.available]
     for name in missing:
         console.print(Text.assemble(("missing ", "yellow"), f"{name}: {install_hint(name)}"))
+    console.print(_quantization_table(matrix_status(profile)))
     if plan is not None:
         console.print(_plan_table(plan))
+
+
+def _quantization_table(rows: list[dict[str, str]]) -> Table:
+    table = Table(title="quantization cells (`kiln quantize --target T --precision P`)")
+    for column in ("cell", "methods", "library", "status"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        style = "green" if row["status"] == "runs here" else "yellow"
+        table.add_row(row["cell"], row["methods"], row["library"], Text(row["status"], style=style))
+    return table
 
 
 # ------------------------------------------------------------------------------------- demo

@@ -36,7 +36,7 @@ from kiln.errors import ArtifactError, ExportError
 from kiln.models.sources import LoadedModel, load_source
 from kiln.models.spec import ComponentSpec, Precision
 
-TARGETS = ("onnx", "openvino")
+TARGETS = ("onnx", "openvino", "torch")
 
 
 @dataclass(frozen=True)
@@ -208,6 +208,10 @@ class _ComponentExport:
             from kiln.exporters.openvino import export_openvino
 
             exported = export_openvino(module, self.spec, item.staging.path)
+        elif item.target == "torch":
+            from kiln.exporters.torch import export_torch
+
+            exported = export_torch(module, self.spec, item.staging.path)
         else:
             from kiln.exporters.onnx import export_onnx
 
@@ -235,7 +239,9 @@ class _ComponentExport:
         from kiln.exporters import parity as parity_check
         from kiln.runtimes import open_for_check
 
-        session = open_for_check(item.staging.path / item.entry, self.spec, item.target)
+        session = open_for_check(
+            item.staging.path / item.entry, self.spec, item.target, root=self.out
+        )
         parity = parity_check.measure(
             self.spec, Precision.FP32, inputs, expected, session.run, self.spec.parity_sizes()
         )
@@ -290,7 +296,9 @@ def _versions(target: str, exporter: str) -> dict[str, str]:
     import torch
 
     versions = {"kiln": __version__, "torch": torch.__version__, "exporter": exporter}
-    packages = ("onnx", "onnxruntime") if target == "onnx" else ("openvino",)
+    packages = {"onnx": ("onnx", "onnxruntime"), "openvino": ("openvino",)}.get(
+        target, ("safetensors",)
+    )
     for package in packages:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)

@@ -22,7 +22,7 @@ sampling exactly as for the PyTorch model.
 from __future__ import annotations
 
 import gc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,10 +237,31 @@ def _default_tolerances() -> dict[Precision, Tolerance]:
     return dict(DEFAULT_TOLERANCES)
 
 
+def seeded_cache(config: Any, states: Sequence[torch.Tensor]) -> Any:
+    """A `DynamicCache` holding the given (key, value, key, value, ...) tensors per layer.
+
+    `DynamicCache.update` on an empty layer concatenates onto a 1-D `torch.tensor([])`:
+    eager PyTorch allows it, but OpenVINO's converter sees a rank-1 tensor concatenated on
+    axis -2 and refuses the graph. Setting the tensors directly traces cleanly everywhere.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for index in range(len(states) // 2):
+        key, value = states[2 * index], states[2 * index + 1]
+        if index >= len(cache.layers):
+            cache.update(key, value, index)
+            continue
+        layer = cache.layers[index]
+        layer.lazy_initialization(key, value)
+        layer.keys, layer.values = key, value
+    return cache
+
+
 def export_module(model: Any, component: str, info: BlipModelInfo) -> torch.nn.Module:
     """A module whose forward takes the spec's inputs in order and returns its outputs."""
     import torch
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.cache_utils import EncoderDecoderCache
 
     class Vision(torch.nn.Module):
         def __init__(self, vision: torch.nn.Module) -> None:
@@ -259,11 +280,8 @@ def export_module(model: Any, component: str, info: BlipModelInfo) -> torch.nn.M
         def run(self, input_ids, position_ids, attention_mask, past_attention_mask, *states):
             layers = self.layers
             past, cross = states[: 2 * layers], states[2 * layers :]
-            cache = DynamicCache(config=self.decoder.config)
-            cross_cache = DynamicCache(config=self.decoder.config)
-            for layer in range(layers):
-                cache.update(past[2 * layer], past[2 * layer + 1], layer)
-                cross_cache.update(cross[2 * layer], cross[2 * layer + 1], layer)
+            cache = seeded_cache(self.decoder.config, past)
+            cross_cache = seeded_cache(self.decoder.config, cross)
             both = EncoderDecoderCache(cache, cross_cache)
             for layer in range(layers):
                 both.is_updated[layer] = True  # cross-attention reads its key/values from here

@@ -154,7 +154,8 @@ def component_specs(info: Blip2ModelInfo) -> dict[str, ComponentSpec]:
 
 def export_module(model: Any, component: str, info: Blip2ModelInfo) -> torch.nn.Module:
     import torch
-    from transformers.cache_utils import DynamicCache
+
+    from kiln.models.blip import seeded_cache
 
     class VisionQFormer(torch.nn.Module):
         def __init__(self, blip2: torch.nn.Module) -> None:
@@ -187,9 +188,7 @@ def export_module(model: Any, component: str, info: Blip2ModelInfo) -> torch.nn.
             self.lm = lm
 
         def run(self, inputs_embeds, position_ids, attention_mask, past_attention_mask, *past):
-            cache = DynamicCache(config=self.lm.config)
-            for layer in range(info.num_layers):
-                cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            cache = seeded_cache(self.lm.config, past)
             out = self.lm(
                 inputs_embeds=inputs_embeds,
                 position_ids=position_ids,

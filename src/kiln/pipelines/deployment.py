@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import Manifest, read_manifest, verify_files
+from kiln.artifacts import Manifest, Variant, read_manifest, verify_files
 from kiln.errors import ArtifactError, InvalidRequestError
-from kiln.models.spec import ComponentSpec
+from kiln.models.spec import ComponentSpec, Precision
 from kiln.profiles.hardware import HardwareProfile, detect
 from kiln.profiles.select import Plan, Policy, select
 from kiln.profiles.targets import TargetProfile, target_for
-from kiln.runtimes import open_session
+from kiln.runtimes import open_for_check, open_session
 from kiln.runtimes.base import Session
 
 
@@ -38,6 +39,14 @@ class Deployment:
     @property
     def family(self) -> str:
         return self.manifest.family
+
+    def nan_fallbacks(self) -> dict[str, int]:
+        """Per guarded component, how many calls were rerun at fp32 after a NaN/inf."""
+        return {
+            name: session.fallback_calls
+            for name, session in self.sessions.items()
+            if getattr(session, "fallback_calls", 0)
+        }
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         raise InvalidRequestError(
@@ -68,6 +77,7 @@ def load(
     objective: str = "latency",
     drift_budget: Mapping[str, float] | Sequence[str] | None = None,
     verify: bool = True,
+    guard: bool = True,
 ) -> Deployment:
     """Load an artifact folder: verify its files, pick variants for this machine, open them.
 
@@ -77,6 +87,7 @@ def load(
     TOML file; by default the built-in target that matches `profile` is used.
     `objective` is `"latency"` or `"memory"`; `drift_budget` maps metric to limit
     (`{"psnr": 25}` or `["psnr=25"]`, default `DEFAULT_DRIFT_BUDGET`).
+    `guard` wraps reduced-precision components in the NaN guard (`kiln.runtimes.guard`).
     """
     started = time.perf_counter()
     root = Path(path)
@@ -100,9 +111,12 @@ def load(
     sessions = {}
     for choice in plan.choices:
         spec = ComponentSpec.from_dict(manifest.components[choice.component])
-        sessions[choice.component] = open_session(
-            root, manifest.variant(choice.variant_id), spec, choice
-        )
+        variant = manifest.variant(choice.variant_id)
+        session = open_session(root, variant, spec, choice)
+        fallback = _fallback_for(manifest, variant) if guard else None
+        if fallback is not None:
+            session = _guarded(root, session, variant, fallback, spec, choice)
+        sessions[choice.component] = session
     seconds = time.perf_counter() - started
     if manifest.family == "stable-diffusion":
         from kiln.pipelines.diffusion import DiffusionDeployment
@@ -117,3 +131,32 @@ def load(
 
         return Blip2CaptioningDeployment(root, manifest, plan, sessions, seconds)
     return Deployment(root, manifest, plan, sessions, seconds)
+
+
+def _fallback_for(manifest: Manifest, variant: Variant) -> Variant | None:
+    """The variant a reduced-precision one falls back to: fp32, else bf16; same target first."""
+    if variant.precision is Precision.FP32:
+        return None
+    ranked = sorted(
+        (
+            v
+            for v in manifest.variants_of(variant.component)
+            if v.precision in (Precision.FP32, Precision.BF16) and v.id != variant.id
+        ),
+        key=lambda v: (v.precision is not Precision.FP32, v.target != variant.target),
+    )
+    return ranked[0] if ranked else None
+
+
+def _guarded(
+    root: Path, session: Session, variant: Variant, fallback: Variant, spec: ComponentSpec, choice
+) -> Session:
+    from kiln.runtimes.guard import GuardedSession
+
+    def open_fallback() -> Session:
+        verify_files(root, fallback.files)
+        if fallback.target == variant.target:
+            return open_session(root, fallback, spec, replace(choice, variant_id=fallback.id))
+        return open_for_check(root / fallback.entry, spec, fallback.target, root=root)
+
+    return GuardedSession(session, variant.id, fallback.id, open_fallback)

@@ -63,6 +63,7 @@ __all__ = [
     "Objective",
     "Plan",
     "Policy",
+    "drift_problem",
     "parse_drift_budget",
     "select",
 ]
@@ -71,10 +72,10 @@ GIB = 1024**3
 #: Memory a variant needs at run time, as a multiple of its size on disk.
 MEMORY_HEADROOM = 1.5
 #: Drift limits by metric name in a variant's `drift` mapping. Metrics whose name contains
-#: psnr, ssim, cos or clip are "higher is better" (a floor); all others are a ceiling.
+#: psnr, ssim, cos, clip, bleu or match are "higher is better" (a floor); all others are a ceiling.
 #: `psnr` is the image PSNR in dB against fp32 at the same seed and prompt.
-DEFAULT_DRIFT_BUDGET: Mapping[str, float] = MappingProxyType({"psnr": 20.0})
-_HIGHER_IS_BETTER = ("psnr", "ssim", "cos", "clip")
+DEFAULT_DRIFT_BUDGET: Mapping[str, float] = MappingProxyType({"psnr": 20.0, "bleu": 0.3})
+_HIGHER_IS_BETTER = ("psnr", "ssim", "cos", "clip", "bleu", "match")
 DEFAULT_TARGET_ORDER = ("tensorrt", "openvino", "onnx", "torch")  # ties only
 DEFAULT_PRECISION_ORDER = (
     Precision.FP32,
@@ -457,14 +458,18 @@ def _why_not_variant(
     if variant.parity is not None and not variant.parity.passed and not policy.allow_failed_parity:
         return "failed its parity check at export"
     named = any(c.names(variant) for c in policy.requirements_for(component))
-    drift = _drift_problem(variant, policy.drift_budget)
+    drift = drift_problem(variant, policy.drift_budget)
     if drift and not named:
         return f"drift {drift} (require it by name to use it anyway)"
     return ""
 
 
-def _drift_problem(variant: Variant, budget: Mapping[str, float]) -> str:
+def drift_problem(variant: Variant, budget: Mapping[str, float]) -> str:
     drift = variant.drift or {}
+    if variant.precision is not Precision.FP32 and not set(drift) - {"component"}:
+        # A quantized variant whose end-to-end drift was never recorded (an interrupted
+        # `kiln quantize`) has not earned its place: its cost in quality is unknown.
+        return "end-to-end drift was never measured (rerun `kiln quantize`)"
     if drift.get("passed") is False:
         return "failed its budget at quantization"
     for metric, limit in budget.items():
@@ -781,7 +786,7 @@ def _reason(
     requirements = policy.requirements_for(component)
     if requirements:
         parts.append("meets " + " and ".join(f"--require {c}" for c in requirements))
-        drift = _drift_problem(best.variant, policy.drift_budget)
+        drift = drift_problem(best.variant, policy.drift_budget)
         if drift:
             parts.append(f"drift {drift} accepted: required by name")
     static = _static_position(best, target)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kiln.artifacts import Variant
 from kiln.errors import BackendUnavailableError
@@ -22,7 +24,9 @@ def open_session(root: Path, variant: Variant, spec: ComponentSpec, choice: Choi
         from kiln.runtimes.openvino import OpenVinoSession
 
         # Plan options for OpenVINO are its own property names (upper case, from the target).
+        # A quantized variant's own settings win: its drift was measured with them.
         config = {k: v for k, v in choice.options.items() if k.isupper()}
+        config.update(variant.options.get("openvino_config", {}))
         return OpenVinoSession(
             path,
             spec,
@@ -30,15 +34,37 @@ def open_session(root: Path, variant: Variant, spec: ComponentSpec, choice: Choi
             precision=variant.precision.value,
             config=config,
         )
+    if choice.runtime == "torch":
+        from kiln.runtimes.torch import TorchSession
+
+        return TorchSession(path, spec, root=root, device=choice.device)
     raise BackendUnavailableError(f"runtime {choice.runtime} is not available in this kiln build")
 
 
-def open_for_check(path: Path, spec: ComponentSpec, target: str) -> Session:
-    """A session for a one-off parity run on a freshly exported (fp32) graph."""
+def open_for_check(
+    path: Path,
+    spec: ComponentSpec,
+    target: str,
+    *,
+    root: Path,
+    options: Mapping[str, Any] | None = None,
+) -> Session:
+    """A session for a one-off check (parity, drift) on a variant still in its staging folder.
+
+    `root` is the artifact folder; `options` are the variant's options (a quantized
+    OpenVINO variant carries the precision hint it must be measured with).
+    """
+    options = options or {}
     if target == "openvino":
         from kiln.runtimes.openvino import OpenVinoSession
 
-        return OpenVinoSession(path, spec, precision="fp32", use_cache=False)
+        config = dict(options.get("openvino_config", {}))
+        precision = "fp32" if "INFERENCE_PRECISION_HINT" not in config else ""
+        return OpenVinoSession(path, spec, precision=precision, config=config, use_cache=False)
+    if target == "torch":
+        from kiln.runtimes.torch import TorchSession
+
+        return TorchSession(path, spec, root=root)
     from kiln.runtimes.onnxruntime import OnnxRuntimeSession
 
     return OnnxRuntimeSession(path, spec, low_memory=True)

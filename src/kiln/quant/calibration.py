@@ -1,0 +1,236 @@
+"""Calibration data: each component's real inputs, recorded from the fp32 pipeline.
+
+kiln runs its own fp32 deployment on a set of prompts (Stable Diffusion) or images (BLIP)
+and records every call each component receives. Static quantization learns activation
+ranges from the first part; drift is measured on the rest (held back, never seen by the
+quantizer). The same run also yields the fp32 reference images or captions that
+end-to-end drift compares against, so the fp32 pipeline runs once per `kiln quantize`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import InvalidRequestError
+from kiln.quant.base import Feeds
+from kiln.runtimes.base import Session
+
+#: Prompts used when the user gives none: varied subjects, styles and lengths.
+DEFAULT_PROMPTS = (
+    "a photograph of an astronaut riding a horse on the moon",
+    "a watercolor painting of a lighthouse at dusk, soft light",
+    "close-up portrait of an old fisherman, dramatic lighting, 85mm",
+    "a bowl of ramen on a wooden table, steam rising, food photography",
+    "isometric pixel art of a tiny city with trains and bridges",
+    "a red fox in deep snow, national geographic, sharp focus",
+    "an oil painting of a stormy sea with a sailing ship",
+    "a futuristic cyberpunk street at night, neon signs, rain",
+    "a cozy reading nook with plants and a cat, morning sun",
+    "macro shot of a dew drop on a green leaf",
+    "a medieval castle on a hill, fantasy concept art",
+    "a minimalist line drawing of a mountain range",
+    "a vintage car parked in front of a diner, 1950s",
+    "a scientist in a laboratory looking at a glowing flask",
+    "an aerial view of a river delta, satellite image",
+    "a plate of colorful macarons, pastel colors, studio light",
+)
+#: Texts for image-text matching calibration.
+DEFAULT_TEXTS = ("a photo of a dog", "a red circle on a blue background", "a city street at night")
+#: img2img strength for the VAE encoder's end-to-end drift (steps * strength must be >= 1).
+IMG2IMG_STRENGTH = 0.5
+#: Share of recorded calls held back for drift measurement.
+HELD_OUT_SHARE = 0.25
+MAX_CALIBRATION = 256
+
+
+@dataclass
+class CalibrationSet:
+    """Recorded inputs per component, and what produced them."""
+
+    feeds: dict[str, list[dict[str, np.ndarray]]]
+    workload: dict[str, Any]
+    inputs: list[Any] = field(default_factory=list)  # the prompts or images, in order
+    references: list[Any] = field(default_factory=list)  # fp32 images, tokens or ITM probabilities
+    img2img: dict[int, Any] = field(default_factory=dict)  # fp32 img2img images of held-out prompts
+
+    def for_quantizer(self, component: str) -> list[Feeds]:
+        """The calls a quantizer may learn from (the first 75%)."""
+        calls = self.feeds.get(component, [])
+        return calls[: _split(len(calls))]
+
+    def held_out(self, component: str) -> list[Feeds]:
+        """The calls kept back for drift; at least one."""
+        calls = self.feeds.get(component, [])
+        return calls[_split(len(calls)) :] or calls[-1:]
+
+    def held_out_inputs(self) -> list[int]:
+        """Indices of the prompts or images kept back for end-to-end drift; at least one."""
+        count = len(self.inputs)
+        return list(range(min(_split(count), count - 1), count))
+
+
+def _split(count: int) -> int:
+    return max(1, count - max(1, round(count * HELD_OUT_SHARE))) if count > 1 else count
+
+
+@contextlib.contextmanager
+def tap_inputs(sessions: Mapping[str, Session]) -> Iterator[dict[str, list[dict[str, np.ndarray]]]]:
+    """Record (copies of) every input each session receives while the block runs.
+
+    Adapters hold their session objects, so the recording replaces `run` on the instance
+    itself and removes it afterwards; the class method is untouched.
+    """
+    recorded: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in sessions}
+    for name, session in sessions.items():
+        names = set(session.spec.input_names)
+
+        def recording(inputs, _run=session.run, _log=recorded[name], _names=names):
+            _log.append({k: np.array(v, copy=True) for k, v in inputs.items() if k in _names})
+            return _run(inputs)
+
+        session.run = recording  # type: ignore[method-assign]
+    try:
+        yield recorded
+    finally:
+        for session in sessions.values():
+            vars(session).pop("run", None)
+
+
+def read_prompts(path: str | Path | None, count: int) -> list[str]:
+    """`count` prompts from a text file (one per line) or from the built-in list."""
+    if path is None:
+        prompts = list(DEFAULT_PROMPTS)
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise InvalidRequestError(f"prompt file {file} does not exist")
+        prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+        if not prompts:
+            raise InvalidRequestError(f"prompt file {file} holds no prompts")
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def read_images(folder: str | Path | None, count: int) -> list[Any]:
+    """`count` PIL images from a folder, or kiln's built-in synthetic scenes."""
+    from kiln.pipelines.captioning import open_images
+
+    if folder is None:
+        return [synthetic_image(i) for i in range(count)]
+    root = Path(folder)
+    if not root.is_dir():
+        raise InvalidRequestError(f"image folder {root} does not exist")
+    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in suffixes)
+    if not files:
+        raise InvalidRequestError(f"image folder {root} holds no .png/.jpg/.webp/.bmp images")
+    return open_images([files[i % len(files)] for i in range(count)])
+
+
+def synthetic_image(index: int, size: int = 320) -> Any:
+    """A reproducible scene of shapes on a gradient: varied colours, edges and textures."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(1000 + index)
+    ramp = np.linspace(0, 1, size)[None, :, None]
+    top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    base = (top * (1 - ramp) + bottom * ramp).repeat(size, axis=0)
+    noise = rng.normal(0, 12, base.shape)
+    image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = (int(v) for v in rng.integers(0, size - 40, 2))
+        x1, y1 = x0 + int(rng.integers(30, size // 2)), y0 + int(rng.integers(30, size // 2))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        shape = (draw.ellipse, draw.rectangle)[int(rng.integers(0, 2))]
+        shape((x0, y0, x1, y1), fill=colour)
+    return image
+
+
+def collect(
+    deployment: Any,
+    *,
+    count: int,
+    prompts: str | Path | None = None,
+    images: str | Path | None = None,
+    steps: int = 4,
+    size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CalibrationSet:
+    """Run `deployment` (an fp32 plan) `count` times and record every component's inputs."""
+    if not 1 <= count <= MAX_CALIBRATION:
+        raise InvalidRequestError(f"calibration count must be 1..{MAX_CALIBRATION}, got {count}")
+    report = progress or (lambda done, total: None)
+    if deployment.family == "stable-diffusion":
+        return _collect_diffusion(deployment, read_prompts(prompts, count), steps, size, report)
+    return _collect_captioning(deployment, read_images(images, count), report)
+
+
+def _collect_diffusion(
+    deployment: Any, prompts: Sequence[str], steps: int, size: int | None, report: Callable
+) -> CalibrationSet:
+    size = size or deployment.default_size
+    workload = {"prompts": list(prompts), "steps": steps, "width": size, "height": size}
+    workload.update({"seeds": list(range(len(prompts))), "guidance_scale": 7.5})
+    images = []
+    with tap_inputs(deployment.sessions) as recorded:
+        for index, prompt in enumerate(prompts):
+            result = deployment.generate(
+                prompt, steps=steps, width=size, height=size, seed=index, guidance_scale=7.5
+            )
+            images.append(result.image)
+            report(index + 1, len(prompts))
+    calib = CalibrationSet(recorded, {"kind": "txt2img", **workload}, list(prompts), images)
+    if "vae_encoder" in deployment.sessions:
+        # The encoder sees images in img2img; the decoder's own pictures are realistic ones.
+        recorded["vae_encoder"] = [{"sample": _image_tensor(image)} for image in images]
+        calib.workload["img2img_strength"] = IMG2IMG_STRENGTH
+        for index in calib.held_out_inputs():
+            calib.img2img[index] = img2img(deployment, calib, index)
+    return calib
+
+
+def img2img(deployment: Any, calib: CalibrationSet, index: int) -> Any:
+    """The end-to-end check of a VAE encoder: img2img from a calibration picture."""
+    work = calib.workload
+    return deployment.generate(
+        calib.inputs[index],
+        image=calib.references[index],
+        strength=work["img2img_strength"],
+        steps=work["steps"],
+        seed=work["seeds"][index],
+        guidance_scale=work["guidance_scale"],
+    ).image
+
+
+def _image_tensor(image: Any) -> np.ndarray:
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(array.transpose(2, 0, 1)[None])
+
+
+def _collect_captioning(deployment: Any, images: Sequence[Any], report: Callable) -> CalibrationSet:
+    references = []
+    with tap_inputs(deployment.sessions) as recorded:
+        for index, image in enumerate(images):
+            if deployment.can_caption:
+                result = deployment.caption([image], max_new_tokens=CAPTION_TOKENS)
+                references.append(result.sequences[0])
+            else:
+                result = deployment.match(image, list(DEFAULT_TEXTS))
+                references.append(result.itm_probabilities)
+            report(index + 1, len(images))
+    kind = "caption" if deployment.can_caption else "match"
+    workload = {"kind": kind, "images": len(images), "max_new_tokens": CAPTION_TOKENS}
+    if kind == "match":
+        workload["texts"] = list(DEFAULT_TEXTS)
+    return CalibrationSet(recorded, workload, list(images), references)
+
+
+#: Greedy caption length for calibration and caption drift.
+CAPTION_TOKENS = 20

@@ -1,0 +1,357 @@
+"""`kiln.quantize()`: add quantized variants to an artifact, each with its measured drift.
+
+Flow: check every requested cell can run here -> run the fp32 pipeline once to record
+calibration calls and reference outputs -> per (target, component): quantize the fp32
+variant into a staging folder, measure component drift on held-back calls, move it into
+place, then measure end-to-end drift with only that component swapped, and record both.
+A variant whose end-to-end drift has not been recorded yet is never auto-selected
+(`kiln.profiles.select` treats missing drift on a quantized variant as unmeasured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kiln import __version__
+from kiln.artifacts import (
+    Manifest,
+    StagingFolder,
+    Variant,
+    file_entries,
+    read_manifest,
+    variant_folder,
+    verify_files,
+    write_manifest,
+)
+from kiln.errors import InvalidRequestError
+from kiln.models.spec import ComponentSpec, Precision
+from kiln.quant import drift as drift_metrics
+from kiln.quant.base import QuantizedGraph, quantizer_for
+from kiln.quant.calibration import CalibrationSet, collect, img2img
+from kiln.quant.recipes import QuantRecipe, cell, cell_problem, recipe_for
+
+
+@dataclass(frozen=True)
+class QuantEvent:
+    """A progress report. `stage`: calibrate, quantize, drift, done; done/total count steps."""
+
+    stage: str
+    component: str = ""
+    detail: str = ""
+    done: int = 0
+    total: int = 0
+
+
+QuantProgress = Callable[[QuantEvent], None]
+
+
+@dataclass(frozen=True)
+class _Job:
+    component: str
+    source: Variant
+    spec: ComponentSpec
+    recipe: QuantRecipe
+
+
+def quantize(
+    artifact: str | os.PathLike[str],
+    precision: Precision | str,
+    *,
+    targets: Sequence[str] = (),
+    components: Sequence[str] = (),
+    method: str | None = None,
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    ratio: float | None = None,
+    calibration: int = 8,
+    prompts: str | os.PathLike[str] | None = None,
+    images: str | os.PathLike[str] | None = None,
+    steps: int = 4,
+    size: int | None = None,
+    progress: QuantProgress | None = None,
+) -> Manifest:
+    """Quantize fp32 variants of `artifact` to `precision` and record them in its manifest.
+
+    `targets` default to every target with fp32 variants, `components` to every component.
+    `calibration` is the number of prompts (Stable Diffusion) or images (BLIP) the fp32
+    pipeline runs to record inputs; `prompts` is a text file (one per line) and `images` a
+    folder to use instead of kiln's built-in ones. `steps`/`size` set the diffusion runs.
+    """
+    root = Path(artifact)
+    manifest = read_manifest(root)
+    precision = _precision(precision)
+    if precision is Precision.FP32:
+        raise InvalidRequestError(
+            "fp32 is what `kiln export` writes; quantize to another precision"
+        )
+    report = progress or (lambda event: None)
+    jobs = _plan_jobs(
+        manifest, precision, targets, components, method, group_size, symmetric, ratio
+    )
+    verify_files(root, manifest.support_files)
+    for job in jobs:
+        verify_files(root, job.source.files)
+    calib = _calibrate(root, manifest, jobs, calibration, prompts, images, steps, size, report)
+    for index, job in enumerate(jobs, start=1):
+        variant = _quantize_one(root, job, calib, report, index, len(jobs))
+        manifest = read_manifest(root).with_variant(variant)
+        write_manifest(root, manifest)
+        variant = _with_end_to_end_drift(root, manifest, variant, calib, report)
+        manifest = read_manifest(root).with_variant(variant)
+        write_manifest(root, manifest)
+        report(QuantEvent("done", job.component, _summary(variant, job.source), index, len(jobs)))
+    return manifest
+
+
+def _precision(value: Precision | str) -> Precision:
+    try:
+        return Precision(value)
+    except ValueError:
+        known = ", ".join(p.value for p in Precision)
+        raise InvalidRequestError(f"unknown precision {value!r}; use one of {known}") from None
+
+
+def _plan_jobs(
+    manifest: Manifest,
+    precision: Precision,
+    targets: Sequence[str],
+    components: Sequence[str],
+    method: str | None,
+    group_size: int | None,
+    symmetric: bool | None,
+    ratio: float | None,
+) -> list[_Job]:
+    """One job per (target, component), every cell checked before any work starts."""
+    from kiln.profiles.hardware import detect
+
+    fp32 = [v for v in manifest.variants if v.precision is Precision.FP32]
+    chosen_targets = list(targets) or sorted({v.target for v in fp32})
+    profile = detect()
+    for target in chosen_targets:
+        problem = cell_problem(cell(target, precision), profile)
+        if problem:
+            raise InvalidRequestError(f"cannot quantize {target}:{precision.value} here: {problem}")
+    names = list(components) or _exported(manifest)
+    unknown = [c for c in names if c not in manifest.components]
+    if unknown:
+        raise InvalidRequestError(
+            f"the artifact has no component {unknown[0]!r}; it has {', '.join(manifest.components)}"
+        )
+    jobs = []
+    for target in chosen_targets:
+        for component in names:
+            source = next(
+                (v for v in fp32 if v.component == component and v.target == target), None
+            )
+            if source is None:
+                raise InvalidRequestError(
+                    f"no fp32 {target} variant of {component} to quantize; "
+                    f"export it first with `kiln export SOURCE -o OUT --target {target}`"
+                )
+            spec = ComponentSpec.from_dict(manifest.components[component])
+            recipe = recipe_for(
+                target,
+                precision,
+                spec,
+                method=method,
+                group_size=group_size,
+                symmetric=symmetric,
+                ratio=ratio,
+            )
+            jobs.append(_Job(component, source, spec, recipe))
+    return jobs
+
+
+def _calibrate(
+    root: Path,
+    manifest: Manifest,
+    jobs: Sequence[_Job],
+    count: int,
+    prompts: Any,
+    images: Any,
+    steps: int,
+    size: int | None,
+    report: QuantProgress,
+) -> CalibrationSet:
+    """Run the fp32 pipeline of the first job's target and record what every component sees."""
+    from kiln.exporters.runner import release_memory
+    from kiln.pipelines.deployment import load
+
+    target = jobs[0].source.target
+    require = [f"{name}={target}:fp32" for name in _exported(manifest)]
+    deployment = load(root, require=require, verify=False)
+    report(QuantEvent("calibrate", detail=f"fp32 {target} pipeline", total=count))
+    calib = collect(
+        deployment,
+        count=count,
+        prompts=prompts,
+        images=images,
+        steps=steps,
+        size=size,
+        progress=lambda done, total: report(QuantEvent("calibrate", "", "", done, total)),
+    )
+    calib.workload["plan"] = target
+    del deployment
+    release_memory()
+    return calib
+
+
+def _quantize_one(
+    root: Path, job: _Job, calib: CalibrationSet, report: QuantProgress, index: int, total: int
+) -> Variant:
+    """Quantize into staging, measure component drift there, then move into place."""
+    recipe, source = job.recipe, job.source
+    final = root / variant_folder(job.component, recipe.target, recipe.precision)
+    staging = StagingFolder(final)
+    started = time.perf_counter()
+    try:
+        source_path = root / source.entry
+        training = calib.for_quantizer(job.component) if recipe.needs_calibration else []
+        graph = quantizer_for(recipe.target)(
+            source_path.parent,
+            source_path.name,
+            job.spec,
+            recipe,
+            training,
+            staging.path,
+            lambda text: report(QuantEvent("quantize", job.component, text, index, total)),
+        )
+        seconds = time.perf_counter() - started
+        report(QuantEvent("drift", job.component, "component outputs vs fp32", index, total))
+        component = _component_drift(root, job, graph, staging.path, calib)
+    except BaseException:
+        staging.discard()
+        raise
+    final = staging.commit()
+    prefix = final.relative_to(root).as_posix()
+    return Variant(
+        component=job.component,
+        target=recipe.target,
+        precision=recipe.precision,
+        files=file_entries(root, final),
+        entry=f"{prefix}/{graph.entry}",
+        versions=_versions(recipe.target),
+        shape_profile=source.shape_profile,
+        quantization={
+            **recipe.to_dict(),
+            "source_variant": source.id,
+            "calibration_calls": len(training),
+            "layers": {k: dict(v) for k, v in graph.layers.items()},
+            "details": dict(graph.details),
+        },
+        drift={"component": component},
+        opset=source.opset,
+        options=dict(graph.runtime_options),
+        export_seconds=round(seconds, 3),
+    )
+
+
+def _component_drift(
+    root: Path, job: _Job, graph: QuantizedGraph, folder: Path, calib: CalibrationSet
+) -> dict[str, Any]:
+    """Outputs of the fp32 and quantized sessions on held-back calls, one session at a time."""
+    from kiln.exporters.runner import release_memory
+    from kiln.runtimes import open_for_check
+
+    calls = calib.held_out(job.component)
+    target = job.recipe.target
+    reference = open_for_check(root / job.source.entry, job.spec, target, root=root)
+    expected = [reference.run(feeds) for feeds in calls]
+    del reference
+    release_memory()
+    candidate = open_for_check(
+        folder / graph.entry, job.spec, target, root=root, options=graph.runtime_options
+    )
+    actual = [candidate.run(feeds) for feeds in calls]
+    del candidate
+    release_memory()
+    return drift_metrics.component_drift(expected, actual)
+
+
+def _with_end_to_end_drift(
+    root: Path, manifest: Manifest, variant: Variant, calib: CalibrationSet, report: QuantProgress
+) -> Variant:
+    """Rerun the held-back workload with only `variant` swapped in; compare with fp32."""
+    from kiln.exporters.runner import release_memory
+    from kiln.pipelines.deployment import load
+
+    report(QuantEvent("drift", variant.component, "end to end vs fp32"))
+    plan_target = calib.workload["plan"]
+    require = [
+        f"{name}={plan_target}:fp32" for name in _exported(manifest) if name != variant.component
+    ]
+    deployment = load(root, require=[*require, variant.id], verify=False, guard=False)
+    held = calib.held_out_inputs()
+    if calib.workload["kind"] == "txt2img" and variant.component == "vae_encoder":
+        images = [img2img(deployment, calib, i) for i in held]
+        measured = drift_metrics.image_drift([calib.img2img[i] for i in held], images)
+    elif calib.workload["kind"] == "txt2img":
+        work = calib.workload
+        images = [
+            deployment.generate(
+                calib.inputs[i],
+                steps=work["steps"],
+                width=work["width"],
+                height=work["height"],
+                seed=work["seeds"][i],
+                guidance_scale=work["guidance_scale"],
+            ).image
+            for i in held
+        ]
+        measured = drift_metrics.image_drift([calib.references[i] for i in held], images)
+    elif calib.workload["kind"] == "caption":
+        tokens = calib.workload["max_new_tokens"]
+        got = [
+            deployment.caption([calib.inputs[i]], max_new_tokens=tokens).sequences[0] for i in held
+        ]
+        measured = drift_metrics.caption_drift([calib.references[i] for i in held], got)
+    else:
+        texts = calib.workload["texts"]
+        got = [deployment.match(calib.inputs[i], texts).itm_probabilities for i in held]
+        measured = drift_metrics.matching_drift([calib.references[i] for i in held], got)
+    del deployment
+    release_memory()
+    workload = {**calib.workload, "held_out": held}
+    drift = {**measured, **(variant.drift or {}), "workload": workload}
+    drift["reference"] = f"fp32 {plan_target} plan, same seeds"
+    return replace(variant, drift=drift)
+
+
+def _exported(manifest: Manifest) -> list[str]:
+    """Components that have at least one variant (a manifest may describe more)."""
+    return list(dict.fromkeys(v.component for v in manifest.variants))
+
+
+def _versions(target: str) -> dict[str, str]:
+    import torch
+
+    versions = {"kiln": __version__, "torch": torch.__version__}
+    packages = {
+        "onnx": ("onnx", "onnxruntime"),
+        "openvino": ("openvino", "nncf"),
+        "torch": ("safetensors", "torchao", "bitsandbytes"),
+    }[target]
+    for package in packages:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    return versions
+
+
+def _summary(variant: Variant, source: Variant) -> str:
+    share = variant.size_bytes / max(source.size_bytes, 1)
+    drift = variant.drift or {}
+    figures = [f"{variant.size_bytes / 2**20:.1f} MiB ({share:.0%} of fp32)"]
+    for metric in ("psnr", "ssim", "bleu", "exact_match", "itm_abs"):
+        if metric in drift:
+            figures.append(f"{metric} {drift[metric]:g}")
+    return f"{variant.id}: " + ", ".join(figures)
+
+
+__all__ = ["QuantEvent", "quantize"]

@@ -1,0 +1,64 @@
+"""The NaN guard: a reduced-precision component whose output overflows is rerun at fp32.
+
+fp16 VAEs of real SD checkpoints overflow to inf/NaN and decode black images. A guarded
+session checks every float output; on the first bad call it warns once, opens the
+component's fp32 (or bf16) variant, and from then on reruns each bad call there. The
+count of rerun calls is kept on the session and reported by `Deployment.nan_fallbacks()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from kiln.runtimes.base import Session
+
+logger = logging.getLogger("kiln")
+
+
+class GuardedSession(Session):
+    """`inner`, with each NaN/inf-producing call rerun on a lazily opened fallback."""
+
+    def __init__(
+        self,
+        inner: Session,
+        variant_id: str,
+        fallback_id: str,
+        open_fallback: Callable[[], Session],
+    ) -> None:
+        self.inner = inner
+        self.spec, self.runtime, self.device = inner.spec, inner.runtime, inner.device
+        self.variant_id, self.fallback_id = variant_id, fallback_id
+        self._open_fallback = open_fallback
+        self._fallback: Session | None = None
+        self.fallback_calls = 0
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.inner.run(inputs)
+        if all_finite(outputs):
+            return outputs
+        if self._fallback is None:
+            logger.warning(
+                "%s produced NaN/inf; rerunning such calls on %s (slower, but correct)",
+                self.variant_id,
+                self.fallback_id,
+            )
+            self._fallback = self._open_fallback()
+        self.fallback_calls += 1
+        return self._fallback.run(inputs)
+
+    def describe(self) -> dict[str, Any]:
+        guard = {"fallback": self.fallback_id, "fallback_calls": self.fallback_calls}
+        return {**self.inner.describe(), "nan_guard": guard}
+
+
+def all_finite(outputs: Mapping[str, np.ndarray]) -> bool:
+    """True when no floating-point output holds NaN or inf."""
+    return all(
+        np.isfinite(value).all()
+        for value in outputs.values()
+        if np.asarray(value).dtype.kind == "f"
+    )
