@@ -47,6 +47,9 @@ IMG2IMG_STRENGTH = 0.5
 #: Share of recorded calls held back for drift measurement.
 HELD_OUT_SHARE = 0.25
 MAX_CALIBRATION = 256
+#: Recorded calls kept per component, at most (and at most this many bytes).
+MAX_CALLS = 96
+MAX_BYTES = 768 * 2**20
 
 
 @dataclass
@@ -86,20 +89,48 @@ def tap_inputs(sessions: Mapping[str, Session]) -> Iterator[dict[str, list[dict[
     Adapters hold their session objects, so the recording replaces `run` on the instance
     itself and removes it afterwards; the class method is untouched.
     """
-    recorded: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in sessions}
+    logs = {name: _CallLog() for name in sessions}
     for name, session in sessions.items():
         names = set(session.spec.input_names)
 
-        def recording(inputs, _run=session.run, _log=recorded[name], _names=names):
-            _log.append({k: np.array(v, copy=True) for k, v in inputs.items() if k in _names})
+        def recording(inputs, _run=session.run, _log=logs[name], _names=names):
+            _log.offer({k: v for k, v in inputs.items() if k in _names})
             return _run(inputs)
 
         session.run = recording  # type: ignore[method-assign]
+    recorded: dict[str, list[dict[str, np.ndarray]]] = {}
     try:
         yield recorded
     finally:
         for session in sessions.values():
             vars(session).pop("run", None)
+        recorded.update({name: log.calls for name, log in logs.items()})
+
+
+class _CallLog:
+    """Copies of a component's calls, thinned evenly to stay within a count and byte cap.
+
+    A BLIP-base decoder call carries the cross-attention key/values (~40 MB): recording all
+    20 steps of 8 captions would hold gigabytes. When a cap is reached every other kept call
+    is dropped and only every 2nd, 4th, ... later call is taken, so the calls stay spread
+    over the whole run (and the last quarter stays the last prompts or images).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, np.ndarray]] = []
+        self.stride, self.seen, self.bytes = 1, 0, 0
+
+    def offer(self, feeds: Mapping[str, Any]) -> None:
+        self.seen += 1
+        if (self.seen - 1) % self.stride:
+            return
+        call = {k: np.array(v, copy=True) for k, v in feeds.items()}
+        self.calls.append(call)
+        self.bytes += sum(v.nbytes for v in call.values())
+        if len(self.calls) > MAX_CALLS or self.bytes > MAX_BYTES:
+            self.calls = self.calls[::2]
+            self.bytes = sum(v.nbytes for c in self.calls for v in c.values())
+            self.stride *= 2
 
 
 def read_prompts(path: str | Path | None, count: int) -> list[str]:
