@@ -2,39 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from cli_helpers import assert_user_error, run_kiln  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import BlipForConditionalGeneration, BlipProcessor  # noqa: E402
 
 from kiln.models.tiny_captioning import save_model  # noqa: E402
-
-
-def run_kiln(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "kiln.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-
-
-def assert_user_error(result, *fragments):
-    """Non-zero exit, one `error:` line on stderr, no traceback (as tests/test_cli.py)."""
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in " ".join(result.stderr.split()), result.stderr
 
 
 @pytest.fixture(scope="module")

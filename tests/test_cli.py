@@ -6,29 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import assert_user_error, run_kiln
 from PIL import Image
-
-
-def run_kiln(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "kiln.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=600,
-    )
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:")
-    for fragment in fragments:
-        assert fragment in " ".join(result.stderr.split()), result.stderr
 
 
 def test_export_of_a_missing_path(tmp_path):

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import assert_user_error, run_kiln
 
 import kiln
 from kiln.artifacts import read_manifest, verify_files
@@ -26,26 +24,6 @@ from kiln.quant.calibration import synthetic_image
 # Drift is recomputed here, independently of kiln.quant.drift, from the recorded workload.
 # Both runs are deterministic on one machine, so they agree to rounding (3 decimals).
 PSNR_AGREEMENT_DB = 0.01
-
-
-def run_kiln(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "kiln.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in " ".join(result.stderr.split()), result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +221,7 @@ def test_quantize_errors_are_one_line(sd_quantized, tmp_path):
         (("--precision", "int4", "--method", "static"), ("has no method 'static'",)),
         (("--precision", "int4", "--group-size", "48"), ("power of two",)),
         (("--precision", "int8", "--calibration", "0"), ("calibration count",)),
+        (("--precision", "int8", "--steps", "1"), ("calibration steps must be 2..50",)),
         (("--precision", "int8", "--prompts", tmp_path / "nope.txt"), ("prompt file",)),
     ]
     for args, fragments in cases:

@@ -53,8 +53,17 @@ _TINY_TEXT = {
     "max_position_embeddings": 64,
     "projection_dim": 32,
 }
-_BASE_VISION = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
+# BlipVisionConfig initializes weights with std 1e-10 (checkpoints overwrite them): random
+# weights that small fall below fp16's range and make int8 weights degenerate, so the
+# full-size presets draw them like trained ones (std 0.02, as the text side does).
+_BASE_VISION = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "initializer_range": 0.02,
+}
 _LARGE_VISION = {
+    "initializer_range": 0.02,
     "hidden_size": 1024,
     "intermediate_size": 4096,
     "num_hidden_layers": 24,

@@ -184,6 +184,15 @@ def synthetic_image(index: int, size: int = 320) -> Any:
     return image
 
 
+def check_request(count: int, steps: int) -> None:
+    """Refuse a calibration size or step count before any model is loaded."""
+    if not 1 <= count <= MAX_CALIBRATION:
+        raise InvalidRequestError(f"calibration count must be 1..{MAX_CALIBRATION}, got {count}")
+    if not 2 <= steps <= 50:
+        # Two steps at least: the VAE encoder's img2img check runs steps x 0.5 of them.
+        raise InvalidRequestError(f"calibration steps must be 2..50, got {steps}")
+
+
 def collect(
     deployment: Any,
     *,
@@ -195,8 +204,7 @@ def collect(
     progress: Callable[[int, int], None] | None = None,
 ) -> CalibrationSet:
     """Run `deployment` (an fp32 plan) `count` times and record every component's inputs."""
-    if not 1 <= count <= MAX_CALIBRATION:
-        raise InvalidRequestError(f"calibration count must be 1..{MAX_CALIBRATION}, got {count}")
+    check_request(count, steps)
     report = progress or (lambda done, total: None)
     if deployment.family == "stable-diffusion":
         return _collect_diffusion(deployment, read_prompts(prompts, count), steps, size, report)

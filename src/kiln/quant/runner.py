@@ -34,7 +34,7 @@ from kiln.errors import InvalidRequestError
 from kiln.models.spec import ComponentSpec, Precision
 from kiln.quant import drift as drift_metrics
 from kiln.quant.base import QuantizedGraph, quantizer_for
-from kiln.quant.calibration import CalibrationSet, collect, img2img
+from kiln.quant.calibration import CalibrationSet, check_request, collect, img2img
 from kiln.quant.recipes import QuantRecipe, cell, cell_problem, recipe_for
 
 
@@ -91,6 +91,7 @@ def quantize(
         raise InvalidRequestError(
             "fp32 is what `kiln export` writes; quantize to another precision"
         )
+    check_request(calibration, steps)
     report = progress or (lambda event: None)
     jobs = _plan_jobs(
         manifest, precision, targets, components, method, group_size, symmetric, ratio
