@@ -264,7 +264,7 @@ class _ComponentExport:
             precision=Precision.FP32,
             files=file_entries(self.out, final),
             entry=f"{prefix}/{item.entry}",
-            versions=_versions(item.target, item.exporter),
+            versions=library_versions(item.target, exporter=item.exporter),
             shape_profile={
                 name: {"min": d.min, "opt": d.opt, "max": d.max, "multiple_of": d.multiple_of}
                 for name, d in self.spec.dims().items()
@@ -289,17 +289,22 @@ def release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _versions(target: str, exporter: str) -> dict[str, str]:
-    """Library versions that bind the artifact: the exporter and the runtime that checked it."""
+#: Libraries whose versions bind a target's variants (they wrote or run them).
+TARGET_LIBRARIES = {
+    "onnx": ("onnx", "onnxruntime"),
+    "openvino": ("openvino", "nncf"),
+    "torch": ("safetensors", "torchao", "bitsandbytes"),
+}
+
+
+def library_versions(target: str, **extra: str) -> dict[str, str]:
+    """kiln, torch and the installed libraries of `target`, plus `extra` entries."""
     import importlib.metadata
 
     import torch
 
-    versions = {"kiln": __version__, "torch": torch.__version__, "exporter": exporter}
-    packages = {"onnx": ("onnx", "onnxruntime"), "openvino": ("openvino",)}.get(
-        target, ("safetensors",)
-    )
-    for package in packages:
+    versions = {"kiln": __version__, "torch": torch.__version__, **extra}
+    for package in TARGET_LIBRARIES.get(target, ()):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return versions

@@ -10,8 +10,6 @@ A variant whose end-to-end drift has not been recorded yet is never auto-selecte
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kiln import __version__
 from kiln.artifacts import (
     Manifest,
     StagingFolder,
@@ -31,6 +28,7 @@ from kiln.artifacts import (
     write_manifest,
 )
 from kiln.errors import InvalidRequestError
+from kiln.exporters.runner import library_versions, release_memory
 from kiln.models.spec import ComponentSpec, Precision
 from kiln.quant import drift as drift_metrics
 from kiln.quant.base import QuantizedGraph, quantizer_for
@@ -182,7 +180,6 @@ def _calibrate(
     report: QuantProgress,
 ) -> CalibrationSet:
     """Run the fp32 pipeline of the first job's target and record what every component sees."""
-    from kiln.exporters.runner import release_memory
     from kiln.pipelines.deployment import load
 
     target = jobs[0].source.target
@@ -238,7 +235,7 @@ def _quantize_one(
         precision=recipe.precision,
         files=file_entries(root, final),
         entry=f"{prefix}/{graph.entry}",
-        versions=_versions(recipe.target),
+        versions=library_versions(recipe.target),
         shape_profile=source.shape_profile,
         quantization={
             **recipe.to_dict(),
@@ -258,7 +255,6 @@ def _component_drift(
     root: Path, job: _Job, graph: QuantizedGraph, folder: Path, calib: CalibrationSet
 ) -> dict[str, Any]:
     """Outputs of the fp32 and quantized sessions on held-back calls, one session at a time."""
-    from kiln.exporters.runner import release_memory
     from kiln.runtimes import open_for_check
 
     calls = calib.held_out(job.component)
@@ -280,7 +276,6 @@ def _with_end_to_end_drift(
     root: Path, manifest: Manifest, variant: Variant, calib: CalibrationSet, report: QuantProgress
 ) -> Variant:
     """Rerun the held-back workload with only `variant` swapped in; compare with fp32."""
-    from kiln.exporters.runner import release_memory
     from kiln.pipelines.deployment import load
 
     report(QuantEvent("drift", variant.component, "end to end vs fp32"))
@@ -328,21 +323,6 @@ def _with_end_to_end_drift(
 def _exported(manifest: Manifest) -> list[str]:
     """Components that have at least one variant (a manifest may describe more)."""
     return list(dict.fromkeys(v.component for v in manifest.variants))
-
-
-def _versions(target: str) -> dict[str, str]:
-    import torch
-
-    versions = {"kiln": __version__, "torch": torch.__version__}
-    packages = {
-        "onnx": ("onnx", "onnxruntime"),
-        "openvino": ("openvino", "nncf"),
-        "torch": ("safetensors", "torchao", "bitsandbytes"),
-    }[target]
-    for package in packages:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
-    return versions
 
 
 def _summary(variant: Variant, source: Variant) -> str:
