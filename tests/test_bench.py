@@ -260,3 +260,20 @@ def test_cli_routes_to_run_and_compare():
     assert result.exit_code == 0 and "compare" in result.output and "run" in result.output
     result = CliRunner().invoke(app, ["bench", "/nonexistent/artifact"])
     assert result.exit_code != 0
+
+
+def test_objective_reaches_the_plan_and_a_bad_one_fails_first(artifacts, tmp_path):
+    from kiln.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="unknown objective 'fastest'"):
+        run_bench(artifacts["sd1"], objective="fastest", baselines=())
+    report = run_bench(
+        artifacts["sd1"],
+        variants=["onnx:fp32"],
+        baselines=(),
+        objective="memory",
+        workload=build_workload(128, steps=[2], repeats=1, warmup=1),
+        json_path=tmp_path / "memory.json",
+    )
+    (variant,) = report["variants"]
+    assert all("smallest runnable variant" in row["reason"] for row in variant["plan"])

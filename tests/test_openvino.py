@@ -78,6 +78,27 @@ def test_static_shape_cache_is_bounded(both_targets):
     assert [dict(key)["latent_sample"] for key in session.static_shapes_compiled] == [(1, 4, 8, 8)]
 
 
+def test_throughput_objective_splits_batches_over_streams(both_targets, monkeypatch, tmp_path):
+    import numpy as np
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    fast = kiln.load(both_targets, require="openvino:fp32", objective="throughput")
+    plain = kiln.load(both_targets, require="openvino:fp32")
+    decoder, single = fast.sessions["vae_decoder"], plain.sessions["vae_decoder"]
+    assert decoder.settings["PERFORMANCE_HINT"] == "THROUGHPUT"
+    assert single.settings["PERFORMANCE_HINT"] == "LATENCY"
+    streams = decoder.describe()["streams"]
+    assert streams >= 1 and single.describe()["streams"] == 1
+    latents = np.random.default_rng(2).standard_normal((3, 4, 8, 12), np.float32)
+    split = decoder.run({"latent_sample": latents})["sample"]
+    whole = single.run({"latent_sample": latents})["sample"]
+    assert split.shape == whole.shape == (3, 3, 64, 96)
+    np.testing.assert_allclose(split, whole, atol=1e-5)
+    a = fast.generate(PROMPT, steps=3, seed=4, width=64, height=64, num_images=2)
+    b = plain.generate(PROMPT, steps=3, seed=4, width=64, height=64, num_images=2)
+    assert all(psnr(x, y) >= 35 for x, y in zip(a.images, b.images, strict=True))
+
+
 @pytest.mark.parametrize(
     ("preset", "pipeline_class"),
     [("sd2", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")],

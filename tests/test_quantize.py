@@ -349,11 +349,11 @@ def test_every_runnable_cell_builds_runs_and_records_real_drift(
         steps=2,
     )
     for component in ("text_encoder", "unet"):
-        variant = manifest.variant(f"{component}/{target}/{precision}")
+        variant = only_quantized(manifest, component, target, precision)
         fp32 = manifest.variant(f"{component}/{target}/fp32")
         assert variant.size_bytes < fp32.size_bytes, variant.id
         assert variant.quantization["method"] == (method or variant.quantization["method"])
-    unet = manifest.variant(f"unet/{target}/{precision}")
+    unet = only_quantized(manifest, "unet", target, precision)
     work = unet.drift["workload"]
     others = ["text_encoder", "vae_decoder"]
     quant = kiln.load(out, require=[*(f"{c}={target}:fp32" for c in others), unet.id], guard=False)
@@ -369,3 +369,41 @@ def test_every_runnable_cell_builds_runs_and_records_real_drift(
     image = quant.generate(work["prompts"][index], **options).image
     reference = fp32.generate(work["prompts"][index], **options).image
     assert abs(min(psnr(image, reference), 100.0) - unet.drift["psnr"]) < PSNR_AGREEMENT_DB
+
+
+def only_quantized(manifest, component, target, precision):
+    (variant,) = [
+        v
+        for v in manifest.variants_of(component)
+        if v.target == target and v.precision.value == precision
+    ]
+    return variant
+
+
+def test_a_second_method_sits_beside_the_first(three_targets, tmp_path):
+    import shutil
+
+    out = tmp_path / "artifact"
+    shutil.copytree(three_targets, out)
+    for method in (None, "static"):
+        manifest = kiln.quantize(
+            out, "int8", targets=["onnx"], components=["text_encoder"], method=method, calibration=2
+        )
+    default, static = (manifest.variant(f"text_encoder/onnx/{p}") for p in ("int8", "int8-static"))
+    assert (default.quantization["method"], static.quantization["method"]) == (
+        "dynamic",
+        "static",
+    )
+    assert (out / static.entry).is_file() and static.entry.startswith(
+        "text_encoder/onnx-int8-static/"
+    )
+    for require, chosen in (
+        ("text_encoder=onnx:int8-static", static.id),
+        ("text_encoder/onnx/int8-static", static.id),
+        ("text_encoder/onnx/int8", default.id),
+    ):
+        others = ["unet=onnx:fp32", "vae_decoder=onnx:fp32"]
+        plan = kiln.load(out, require=[require, *others]).plan
+        assert plan["text_encoder"].variant_id == chosen, require
+    result = run_kiln("inspect", out)
+    assert "int8-static" in result.stdout.replace("\n", "")

@@ -357,7 +357,6 @@ def test_placement_parse():
 def test_options_merge_least_specific_first():
     amx = builtin_target("intel-cpu-amx")
     assert amx.options_for("openvino", Precision.FP32, DeviceKind.CPU) == {
-        "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": "f32",
     }
     assert (
@@ -911,11 +910,15 @@ def test_constraint_parse():
     assert Constraint.parse("ov") == Constraint(None, "openvino")
     assert Constraint.parse(":int8") == Constraint(None, None, Precision.INT8)
     assert Constraint.parse("unet=openvino:int8") == Constraint("unet", "openvino", Precision.INT8)
-    assert Constraint.parse("unet/openvino/int8") == Constraint("unet", "openvino", Precision.INT8)
+    # A variant id names the untagged variant exactly; `-TAG` picks a tagged one.
+    exact = Constraint("unet", "openvino", Precision.INT8, tag="")
+    assert Constraint.parse("unet/openvino/int8") == exact
+    assert Constraint.parse("unet/onnx/int8-static").tag == "static"
+    assert Constraint.parse("onnx:int8-weight-only").tag == "weight-only"
     assert Constraint.parse("vae_decoder=ort@cuda") == Constraint(
         "vae_decoder", "onnx", None, DeviceKind.CUDA
     )
-    for text in ("onnx:fp32", "unet=openvino:int8", ":int8", "onnx@cuda", "unet=trt:fp16@cuda"):
+    for text in ("onnx:fp32", "unet=openvino:int8", ":int8", "onnx@cuda", "onnx:int8-static"):
         assert str(Constraint.parse(str(Constraint.parse(text)))) == str(Constraint.parse(text))
     for bad, fragment in [
         ("onnx:fp7", "unknown precision"),

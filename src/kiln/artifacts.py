@@ -110,10 +110,14 @@ class Variant:
     options: Mapping[str, Any] = field(default_factory=dict)
     export_seconds: float | None = None
     created: str = field(default_factory=now_utc)
+    # Tells apart variants of one target and precision: the quantization method when it is
+    # not the cell's default (`unet/onnx/int8-static` beside `unet/onnx/int8`).
+    tag: str | None = None
 
     @property
     def id(self) -> str:
-        return f"{self.component}/{self.target}/{self.precision.value}"
+        suffix = f"-{self.tag}" if self.tag else ""
+        return f"{self.component}/{self.target}/{self.precision.value}{suffix}"
 
     @property
     def size_bytes(self) -> int:
@@ -121,7 +125,7 @@ class Variant:
 
     @property
     def folder(self) -> str:
-        return variant_folder(self.component, self.target, self.precision)
+        return variant_folder(self.component, self.target, self.precision, self.tag)
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -143,6 +147,8 @@ class Variant:
             "export_seconds": self.export_seconds,
             "created": self.created,
         }
+        if self.tag:
+            data["tag"] = self.tag
         return data
 
     @classmethod
@@ -164,6 +170,7 @@ class Variant:
             options=data.get("options", {}),
             export_seconds=data.get("export_seconds"),
             created=data.get("created", ""),
+            tag=data.get("tag"),
         )
 
 
@@ -177,8 +184,10 @@ def _parity_dict(parity: Parity) -> dict[str, Any]:
     }
 
 
-def variant_folder(component: str, target: str, precision: Precision) -> str:
-    return f"{component}/{target}-{precision.value}"
+def variant_folder(
+    component: str, target: str, precision: Precision, tag: str | None = None
+) -> str:
+    return f"{component}/{target}-{precision.value}" + (f"-{tag}" if tag else "")
 
 
 @dataclass(frozen=True)

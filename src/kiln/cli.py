@@ -271,7 +271,7 @@ def generate(
         ),
     ] = None,
     objective: Annotated[
-        str, typer.Option(help="What to optimize when choosing variants: latency or memory.")
+        str, typer.Option(help="What to optimize: latency, throughput (batches) or memory.")
     ] = "latency",
     max_drift: Annotated[
         list[str] | None,

@@ -342,8 +342,10 @@ def _call_output(
 class CaptionArtifactRunner(ArtifactRunner):
     """The artifact as `kiln.load()` plans it; `deployment.caption()` per call."""
 
-    def __init__(self, root: Path, require: list[str], prefer: list[str]) -> None:
-        super().__init__(root, require, prefer)
+    def __init__(
+        self, root: Path, require: list[str], prefer: list[str], objective: str = "latency"
+    ) -> None:
+        super().__init__(root, require, prefer, objective)
         self.timer = NestedTimer()  # type: ignore[assignment]
 
     @property
@@ -470,9 +472,16 @@ class TorchCaptionRunner:
         return _call_output(self, images, [t.strip() for t in texts], on_step, case)
 
 
-def make_runner(kind: str, root: Path, manifest: Any, require: list[str], prefer: list[str]) -> Any:
+def make_runner(
+    kind: str,
+    root: Path,
+    manifest: Any,
+    require: list[str],
+    prefer: list[str],
+    objective: str = "latency",
+) -> Any:
     if kind == "artifact":
-        return CaptionArtifactRunner(root, require, prefer)
+        return CaptionArtifactRunner(root, require, prefer, objective)
     if kind == "torch":
         return TorchCaptionRunner(root, manifest.family, dict(manifest.source))
     raise InvalidRequestError(f"captioning benchmarks have no {kind!r} runner")

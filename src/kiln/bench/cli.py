@@ -57,6 +57,13 @@ def run(
             "variant (added when not requested). Repeatable, in order of preference.",
         ),
     ] = None,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="kiln.load objective for the artifact's variants: latency, throughput "
+            "(OpenVINO splits batches over streams) or memory."
+        ),
+    ] = "latency",
     workload: Annotated[
         Path | None, typer.Option(help="Workload file (JSON or TOML): prompts, sizes, steps...")
     ] = None,
@@ -164,6 +171,7 @@ def run(
                 variants=variant or (),
                 baselines=baselines,
                 prefer=prefer or (),
+                objective=objective,
                 workload=plan,
                 json_path=json_path,
                 report_dir=report,

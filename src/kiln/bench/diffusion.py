@@ -60,8 +60,10 @@ class CallTimer:
 class ArtifactRunner:
     """The artifact as `kiln.load()` plans it, optionally forced with require/prefer strings."""
 
-    def __init__(self, root: Path, require: list[str], prefer: list[str]) -> None:
-        self.root, self.require, self.prefer = root, require, prefer
+    def __init__(
+        self, root: Path, require: list[str], prefer: list[str], objective: str = "latency"
+    ) -> None:
+        self.root, self.require, self.prefer, self.objective = root, require, prefer, objective
         self.timer = CallTimer()
         self.deployment: Any = None
         self.device = "cpu"
@@ -69,7 +71,9 @@ class ArtifactRunner:
     def load(self) -> None:
         import kiln
 
-        self.deployment = kiln.load(self.root, prefer=self.prefer, require=self.require)
+        self.deployment = kiln.load(
+            self.root, prefer=self.prefer, require=self.require, objective=self.objective
+        )
         # Time each session's `run` through an instance attribute: the adapters hold the
         # same session objects, so this sees every call without touching runtime code.
         for name, session in self.deployment.sessions.items():
@@ -204,9 +208,16 @@ class TorchRunner:
         return list(output.images)
 
 
-def make_runner(kind: str, root: Path, manifest: Any, require: list[str], prefer: list[str]) -> Any:
+def make_runner(
+    kind: str,
+    root: Path,
+    manifest: Any,
+    require: list[str],
+    prefer: list[str],
+    objective: str = "latency",
+) -> Any:
     if kind == "artifact":
-        return ArtifactRunner(root, require, prefer)
+        return ArtifactRunner(root, require, prefer, objective)
     if kind in ("torch", "torch-compile"):
         return TorchRunner(
             dict(manifest.source), dict(manifest.model_info), kind == "torch-compile"

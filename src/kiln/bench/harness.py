@@ -253,6 +253,7 @@ def run_bench(
     baselines: Sequence[str] = ("torch",),
     workload: Workload | None = None,
     prefer: Sequence[str] = (),
+    objective: str = "latency",
     json_path: str | Path | None = None,
     report_dir: str | Path | None = None,
     record: bool = False,
@@ -260,6 +261,8 @@ def run_bench(
     worker_command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Measure every planned variant, write the JSON (after each variant) and return it.
+
+    `objective` is passed to `kiln.load()` for the artifact's variants (each plan records it).
 
     `worker_command` replaces `python -m kiln.bench.worker` (another interpreter, or a
     wrapper); the request file path is appended to it.
@@ -274,6 +277,9 @@ def run_bench(
     family.check_supported(manifest)
     if workload is None:
         workload = family_workload(family, manifest)
+    from kiln.profiles.select import Policy
+
+    Policy(objective=objective)  # an unknown objective fails here, before any variant runs
     planned = plan_variants(manifest, variants, baselines, prefer)
     emit = on_event or (lambda event: None)
     profile = detect()
@@ -323,6 +329,7 @@ def run_bench(
                     "prefer": list(variant.prefer),
                 },
                 "workload": workload.to_dict(),
+                "objective": objective,
                 "images_dir": str(images_dir),
                 "result": str(scratch / f"{variant.slug}.result.json"),
             }

@@ -138,7 +138,12 @@ def run(request: dict[str, Any]) -> int:
     family = request["family_module"]
     module = __import__(family, fromlist=["make_runner"])
     runner = module.make_runner(
-        variant["kind"], root, manifest, list(variant["require"]), list(variant["prefer"])
+        variant["kind"],
+        root,
+        manifest,
+        list(variant["require"]),
+        list(variant["prefer"]),
+        request.get("objective", "latency"),
     )
     emit("loading", variant=variant["id"])
     started = time.perf_counter()

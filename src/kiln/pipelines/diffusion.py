@@ -196,8 +196,12 @@ class DiffusionDeployment(Deployment):
 
         def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
             stamps.append(time.perf_counter())
+            total = pipe.num_timesteps if hasattr(pipe, "num_timesteps") else steps
+            if step + 1 == total:
+                # The UNet's scratch memory is not needed while the VAE decodes.
+                self.sessions[UNET].release_memory()
             if progress is not None:
-                progress(step + 1, pipe.num_timesteps if hasattr(pipe, "num_timesteps") else steps)
+                progress(step + 1, total)
             return callback_kwargs
 
         kwargs: dict[str, Any] = {
@@ -216,8 +220,13 @@ class DiffusionDeployment(Deployment):
         if mode == "inpaint":
             kwargs.update(mask_image=mask.resize((width, height)), width=width, height=height)
         started = time.perf_counter()
-        with torch.inference_mode():
-            output = pipeline(**kwargs)
+        try:
+            with torch.inference_mode():
+                output = pipeline(**kwargs)
+        finally:
+            # Held between calls, every component's scratch memory would add up in the peak.
+            for session in self.sessions.values():
+                session.release_memory()
         seconds = time.perf_counter() - started
         step_seconds = [b - a for a, b in zip([started, *stamps], stamps, strict=False)]
         return GenerationResult(

@@ -89,6 +89,8 @@ DEFAULT_PRECISION_ORDER = (
 
 class Objective(str, enum.Enum):
     LATENCY = "latency"
+    # Ranked as latency; runtimes that can are tuned for batches (OpenVINO's THROUGHPUT hint).
+    THROUGHPUT = "throughput"
     MEMORY = "memory"
 
 
@@ -97,29 +99,35 @@ class Constraint:
     """`runtime:precision@device`, every part optional, optionally for one component only.
 
     Parsed from strings such as `onnx:fp32`, `openvino`, `:int8`, `onnx@cuda`,
-    `unet=openvino:int8`, or a variant id `unet/openvino/int8`.
+    `unet=openvino:int8`, `onnx:int8-static` (a tagged variant), or a variant id
+    `unet/openvino/int8`.
     """
 
     component: str | None = None
     target: str | None = None
     precision: Precision | None = None
     device: DeviceKind | None = None
+    # None: any variant of that precision; "": the untagged one; else `Variant.tag`.
+    tag: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Constraint:
         raw = text.strip()
-        if raw.count("/") == 2 and "=" not in raw:  # a variant id
+        exact = raw.count("/") == 2 and "=" not in raw  # a variant id
+        if exact:
             component, target, precision = raw.split("/")
             raw = f"{component}={target}:{precision}"
         component, _, rest = raw.rpartition("=")
         rest, _, device = rest.partition("@")
         target, _, precision = rest.partition(":")
+        precision, _, tag = precision.partition("-")
         where = repr(text)
         parsed = cls(
             component.strip() or None,
             normalize_target(target, where) if target.strip() else None,
             parse_precision(precision, where) if precision.strip() else None,
             DeviceKind.parse(device, where) if device.strip() else None,
+            tag.strip() or ("" if exact else None),
         )
         if parsed == cls(parsed.component):
             raise InvalidRequestError(
@@ -136,6 +144,7 @@ class Constraint:
             (self.target is None or variant.target == self.target)
             and (self.precision is None or variant.precision == self.precision)
             and (self.device is None or device is None or device == self.device)
+            and (self.tag is None or (variant.tag or "") == self.tag)
         )
 
     def names(self, variant: Variant) -> bool:
@@ -144,6 +153,7 @@ class Constraint:
 
     def __str__(self) -> str:
         text = (self.target or "") + (f":{self.precision.value}" if self.precision else "")
+        text += f"-{self.tag}" if self.tag else ""
         if self.device is not None:
             text += f"@{self.device.value}"
         return f"{self.component}={text}" if self.component else text
@@ -181,7 +191,7 @@ class Policy:
             objective = Objective(self.objective)
         except ValueError:
             raise InvalidRequestError(
-                f"unknown objective {self.objective!r}; use latency or memory"
+                f"unknown objective {self.objective!r}; use latency, throughput or memory"
             ) from None
         if not self.memory_headroom >= 1.0:
             raise InvalidRequestError(
@@ -520,7 +530,7 @@ def _place(
         (c for c in policy.prefer if c.applies_to(component) and c.matches(variant, kind)),
         None,
     )
-    options = _derived_options(runtime, kind)
+    options = _derived_options(runtime, kind, policy.objective)
     options.update(target.options_for(variant.target, variant.precision, kind))
     return replace(
         cand,
@@ -533,12 +543,15 @@ def _place(
     )
 
 
-def _derived_options(runtime: str, kind: DeviceKind) -> dict[str, object]:
+def _derived_options(runtime: str, kind: DeviceKind, objective: Objective) -> dict[str, object]:
     if runtime == "onnxruntime":
         providers = ["CPUExecutionProvider"]
         if kind is DeviceKind.CUDA:
             providers.insert(0, "CUDAExecutionProvider")
         return {"providers": providers}
+    if runtime == "openvino":
+        hint = "THROUGHPUT" if objective is Objective.THROUGHPUT else "LATENCY"
+        return {"PERFORMANCE_HINT": hint}
     return {}
 
 

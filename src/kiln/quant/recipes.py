@@ -231,6 +231,16 @@ def default_method(target: str, precision: Precision, spec: ComponentSpec) -> Qu
     return chosen.methods[0]
 
 
+def variant_tag(recipe: QuantRecipe, spec: ComponentSpec) -> str | None:
+    """The tag of the variant a recipe makes: its method, unless that is the cell's default.
+
+    So a second method of one target and precision sits beside the first, not over it.
+    """
+    if recipe.method is default_method(recipe.target, recipe.precision, spec):
+        return None
+    return recipe.method.value
+
+
 def recipe_for(
     target: str,
     precision: Precision,

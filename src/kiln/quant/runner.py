@@ -33,7 +33,7 @@ from kiln.models.spec import ComponentSpec, Precision
 from kiln.quant import drift as drift_metrics
 from kiln.quant.base import QuantizedGraph, quantizer_for
 from kiln.quant.calibration import CalibrationSet, check_request, collect, img2img
-from kiln.quant.recipes import QuantRecipe, cell, cell_problem, recipe_for
+from kiln.quant.recipes import QuantRecipe, cell, cell_problem, recipe_for, variant_tag
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,8 @@ def _quantize_one(
 ) -> Variant:
     """Quantize into staging, measure component drift there, then move into place."""
     recipe, source = job.recipe, job.source
-    final = root / variant_folder(job.component, recipe.target, recipe.precision)
+    tag = variant_tag(recipe, job.spec)
+    final = root / variant_folder(job.component, recipe.target, recipe.precision, tag)
     staging = StagingFolder(final)
     started = time.perf_counter()
     try:
@@ -248,6 +249,7 @@ def _quantize_one(
         opset=source.opset,
         options=dict(graph.runtime_options),
         export_seconds=round(seconds, 3),
+        tag=tag,
     )
 
 

@@ -48,6 +48,9 @@ class Session(abc.ABC):
             for name, out in self.run(arrays).items()
         }
 
+    def release_memory(self) -> None:  # noqa: B027 (a no-op where a runtime keeps none)
+        """Free scratch memory kept between calls; the next call allocates it again."""
+
     def describe(self) -> dict[str, Any]:
         return {"component": self.spec.name, "runtime": self.runtime, "device": self.device}
 

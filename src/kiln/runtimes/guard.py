@@ -50,6 +50,11 @@ class GuardedSession(Session):
         self.fallback_calls += 1
         return self._fallback.run(inputs)
 
+    def release_memory(self) -> None:
+        self.inner.release_memory()
+        if self._fallback is not None:
+            self._fallback.release_memory()
+
     def describe(self) -> dict[str, Any]:
         guard = {"fallback": self.fallback_id, "fallback_calls": self.fallback_calls}
         return {**self.inner.describe(), "nan_guard": guard}

@@ -3,7 +3,9 @@
 The inference precision hint is always set: on CPUs with bf16 support OpenVINO runs f32
 models in bf16 unless told otherwise (UNet max abs diff 3e-2 instead of 3e-6), so an fp32
 variant is compiled with "f32" unless the plan says otherwise. Compiled blobs are cached
-(`CACHE_DIR`) so a second start, even in a new process, skips compilation.
+(`CACHE_DIR`) so a second start, even in a new process, skips compilation. Once a compiled
+model has run, the pages of the weight files it copied from are given back
+(`kiln.runtimes.pages`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from kiln.errors import ArtifactError, BackendUnavailableError
 from kiln.models.spec import ComponentSpec
 from kiln.runtimes.base import Session
+from kiln.runtimes.pages import drop_mapped_pages
 
 PRECISION_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
 
@@ -69,6 +72,9 @@ class OpenVinoSession(Session):
         if precision in PRECISION_HINTS and device.startswith("CPU"):
             settings["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
         settings.update({k: str(v) for k, v in (config or {}).items()})
+        if settings["PERFORMANCE_HINT"] == "THROUGHPUT" and not _splittable(spec):
+            # A call that is not split would run on one stream's share of the cores.
+            settings["PERFORMANCE_HINT"] = "LATENCY"
         if use_cache:
             cache_dir().mkdir(parents=True, exist_ok=True)
             settings["CACHE_DIR"] = str(cache_dir())
@@ -81,6 +87,12 @@ class OpenVinoSession(Session):
         self._input_names = {port.get_any_name() for port in self._request.model_inputs}
         self._static: OrderedDict[tuple, Any] = OrderedDict()
         self._seen: Counter[tuple] = Counter()
+        self._ran: set[int] = set()
+        self._streams = 1
+        if settings["PERFORMANCE_HINT"] == "THROUGHPUT":
+            compiled = self._request.get_compiled_model()
+            self._streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self._queue: Any = None
 
     def _compile(self, shapes: Mapping[str, tuple[int, ...]] | None) -> Any:
         """An infer request on the dynamic model, or on a copy reshaped to fixed `shapes`."""
@@ -120,10 +132,71 @@ class OpenVinoSession(Session):
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {name: value for name, value in inputs.items() if name in self._input_names}
-        # Infer requests are reused across calls; results are copied because a request owns
-        # and reuses its output buffers.
-        results = self._request_for(feed).infer(feed)
-        return {port.get_any_name(): np.array(value) for port, value in results.items()}
+        if self._streams > 1 and (batch := min(len(value) for value in feed.values())) > 1:
+            outputs, ran = self._run_split(feed, min(batch, self._streams)), self._queue
+        else:
+            # Infer requests are reused across calls; results are copied because a request
+            # owns and reuses its output buffers.
+            ran = self._request_for(feed)
+            results = ran.infer(feed)
+            outputs = {port.get_any_name(): np.array(value) for port, value in results.items()}
+        if id(ran) not in self._ran:
+            # The first inference repacks the weights; the mapped originals are not read again.
+            self._ran.add(id(ran))
+            drop_mapped_pages(self._weight_files())
+        return outputs
+
+    def _run_split(self, feed: Mapping[str, np.ndarray], parts: int) -> dict[str, np.ndarray]:
+        """One batch as `parts` requests on parallel streams (the THROUGHPUT hint's streams).
+
+        Measured on a 2-core CPU: BLIP-base vision, 4 images, bf16: 1.15 s against 1.39 s as
+        one request; an SD 1.5 UNet batch 2 (int8): 3.39 s against 3.49 s.
+        """
+        import openvino as ov
+
+        if self._queue is None:
+            self._queue = ov.AsyncInferQueue(self._request.get_compiled_model(), self._streams)
+        results: dict[int, dict[str, np.ndarray]] = {}
+
+        def keep(request: Any, index: int) -> None:
+            results[index] = {p.get_any_name(): np.array(v) for p, v in request.results.items()}
+
+        self._queue.set_callback(keep)
+        chunks = {name: np.array_split(value, parts) for name, value in feed.items()}
+        for index in range(parts):
+            self._queue.start_async({name: c[index] for name, c in chunks.items()}, index)
+        self._queue.wait_all()
+        return {
+            name: np.concatenate([results[i][name] for i in range(parts)]) for name in results[0]
+        }
+
+    def _weight_files(self) -> list[Path]:
+        files = [Path(self._path).with_suffix(".bin")]
+        if "CACHE_DIR" in self.settings:
+            files.append(Path(self.settings["CACHE_DIR"]))
+        return files
+
+    def release_memory(self) -> None:
+        for request in (self._request, *self._static.values()):
+            request.get_compiled_model().release_memory()
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "settings": dict(self.settings)}
+        return {**super().describe(), "settings": dict(self.settings), "streams": self._streams}
+
+
+def _splittable(spec: ComponentSpec) -> bool:
+    """True when a batch of this component gains from being split over streams.
+
+    Every tensor must have the batch as its first axis. Decoder steps with a past cache are
+    left whole: their calls are too short to gain (BLIP-base, 4 captions of 20 tokens, bf16:
+    3.10 s split against 2.93 s whole).
+    """
+    if any(t.name.startswith("past") for t in spec.inputs):
+        return False
+
+    def leading(shape: tuple) -> str:
+        first = shape[0] if shape else None
+        return getattr(first, "name", first)
+
+    tensors = (*spec.inputs, *spec.outputs)
+    return bool(tensors) and all(leading(t.shape) == "batch" for t in tensors)
