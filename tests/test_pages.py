@@ -65,3 +65,14 @@ def test_openvino_gives_back_the_bin_after_its_first_run(tiny_models, tmp_path_f
     np.testing.assert_array_equal(session.run(latents)["sample"], first)
     session.release_memory()
     np.testing.assert_array_equal(session.run(latents)["sample"], first)
+
+
+def test_unwritten_private_mappings_are_dropped(tmp_path):
+    """torch maps safetensors weights writable but never writes them: those pages can go."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(range(256)) * 4096)
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) as view:
+        assert view[:] == path.read_bytes()
+        assert drop_mapped_pages([path]) >= 1 << 20
+        assert resident_bytes(path) == 0
+        assert view[:256] == bytes(range(256))

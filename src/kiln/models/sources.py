@@ -70,8 +70,8 @@ def free_weights(module: torch.nn.Module | None) -> None:
 
     Exporters keep references to parameters after export (onnxscript's rewrite rules hold on
     to the last graph they saw), so dropping the module is not enough; emptying the tensors
-    frees what is reached through them. Tensors an exporter made that alias the weights stay
-    alive (see the export runner), which only a child process per export would fix.
+    frees what is reached through them. Tensors an exporter made that alias the weights keep
+    the file mapping alive; the export runner gives its pages back (`kiln.runtimes.pages`).
     """
     if module is None:
         return
