@@ -78,6 +78,26 @@ def test_static_shape_cache_is_bounded(both_targets):
     assert [dict(key)["latent_sample"] for key in session.static_shapes_compiled] == [(1, 4, 8, 8)]
 
 
+def test_compiled_model_cache_is_bounded(both_targets, monkeypatch, tmp_path):
+    import os
+
+    from kiln.runtimes.openvino import prune_cache
+
+    old, new, big = (tmp_path / "blobs" / name for name in ("old.blob", "new.blob", "big.blob"))
+    old.parent.mkdir()
+    for age, path in enumerate((big, old, new)):
+        path.write_bytes(bytes(1000 if path is big else 100))
+        os.utime(path, (1000 + age, 1000 + age))
+    assert prune_cache(old.parent, 1150, keep=[big]) == [old]  # oldest first, kept skipped
+    assert sorted(p.name for p in old.parent.iterdir()) == ["big.blob", "new.blob"]
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KILN_CACHE_MAX_GB", "0")
+    kiln.load(both_targets, require="openvino:fp32")
+    # Each compile kept only what it had just written.
+    assert len(list((tmp_path / "cache" / "openvino").iterdir())) == 1
+
+
 def test_throughput_objective_splits_batches_over_streams(both_targets, monkeypatch, tmp_path):
     import numpy as np
 

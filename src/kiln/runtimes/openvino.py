@@ -10,9 +10,10 @@ model has run, the pages of the weight files it copied from are given back
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,35 @@ def cache_dir() -> Path:
     """Where compiled models are cached: $KILN_CACHE_DIR/openvino or ~/.cache/kiln/openvino."""
     root = os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln"
     return Path(root) / "openvino"
+
+
+def cache_limit_bytes() -> int:
+    """How large the compiled-model cache may grow ($KILN_CACHE_MAX_GB, default 16)."""
+    return int(float(os.environ.get("KILN_CACHE_MAX_GB", "16")) * 2**30)
+
+
+def prune_cache(folder: Path, limit: int, keep: Iterable[Path] = ()) -> list[Path]:
+    """Delete the oldest blobs until `folder` holds at most `limit` bytes; `keep` stays.
+
+    OpenVINO never evicts: every variant, precision hint and static shape adds a blob the
+    size of its weights (a day of quantizing SD 1.5 left 17 GB). A blob in use by another
+    process stays readable after deletion; the next start of its model compiles it anew.
+    """
+    kept = {Path(path) for path in keep}
+    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in files)
+    removed = []
+    for path in files:
+        if total <= limit:
+            break
+        if path in kept:
+            continue
+        size = path.stat().st_size
+        with contextlib.suppress(OSError):
+            path.unlink()
+            total -= size
+            removed.append(path)
+    return removed
 
 
 def default_static_shapes() -> int:
@@ -100,9 +130,12 @@ class OpenVinoSession(Session):
             model = self._core.read_model(self._path)
             if shapes:
                 model.reshape({name: list(shape) for name, shape in shapes.items()})
-            return self._core.compile_model(
-                model, self.device, self.settings
-            ).create_infer_request()
+            cache = Path(self.settings["CACHE_DIR"]) if "CACHE_DIR" in self.settings else None
+            before = set(cache.iterdir()) if cache else set()
+            compiled = self._core.compile_model(model, self.device, self.settings)
+            if cache is not None and (made := set(cache.iterdir()) - before):
+                prune_cache(cache, cache_limit_bytes(), keep=made)
+            return compiled.create_infer_request()
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"OpenVINO cannot load {self._path}: {message}") from None
