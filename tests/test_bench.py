@@ -139,6 +139,14 @@ def test_plots_html_and_images_are_written(bench):
         image = variant["cases"][0]["images"][0]
         assert image in html and (folder / "report" / image).stat().st_size > 0
     assert table(report).row_count == 12
+    lines = paths["markdown"].read_text().splitlines()
+    assert lines[0].startswith("| variant | case | load |") and len(lines) == 2 + len(
+        report["variants"]
+    )
+    # Past four variants the terminal table turns to a row per variant.
+    many = {**report, "variants": report["variants"] * 3}
+    wide = table(many)
+    assert wide.row_count == 3 * len(report["variants"]) and wide.columns[0].header == "variant"
 
 
 def test_compare_flags_a_slowed_variant(bench, artifacts, tmp_path):

@@ -102,7 +102,7 @@ def _shorten(reason: str) -> str:
 
 
 def table(report: dict[str, Any]) -> Table:
-    """Figures as rows, one column per variant (and case): fits a terminal for a few variants."""
+    """Figures as rows, one column per variant (and case); past four, a row per variant."""
     ref = report["ratio_reference"]["variant"]
     title = (
         f"kiln bench: {report['artifact']['path']} on {report['hardware']['fingerprint']} "
@@ -121,9 +121,15 @@ def table(report: dict[str, Any]) -> Table:
         else f"; no drift: {drift['reason']}"
     )
     result = Table(title=title, caption=caption)
-    result.add_column("figure")
     several = len(report["workload"]["cases"]) > 1
     measured = rows(report)
+    if len(measured) > 4:
+        for label in ("variant", *(["case"] if several else []), *_labels(report)):
+            result.add_column(label)
+        for variant, case, cells in measured:
+            result.add_row(variant, *([case] if several else []), *map(_brief, cells))
+        return result
+    result.add_column("figure")
     for variant, case, _ in measured:
         result.add_column(f"{variant}\n{case}" if several else variant)
     for index, (label, _, _) in enumerate(columns(report)):
@@ -133,6 +139,23 @@ def table(report: dict[str, Any]) -> Table:
             cells.append("- (" + _shorten(cell[3:-1]) + ")" if cell.startswith("- (") else cell)
         result.add_row(label, *cells)
     return result
+
+
+def _labels(report: dict[str, Any]) -> list[str]:
+    return [label for label, _, _ in columns(report)]
+
+
+def _brief(cell: str) -> str:
+    return "-" if cell.startswith("- (") else cell
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as one Markdown table, a row per variant and case (for notes and PRs)."""
+    head = ["variant", "case", *_labels(report)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, case, cells in rows(report):
+        lines.append("| " + " | ".join([variant, case, *map(_brief, cells)]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def notes(report: dict[str, Any]) -> list[str]:
@@ -307,12 +330,13 @@ def write_html_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
     }
     page = folder / "bench.html"
     atomic_write_text(page, render_html(report))
-    return {**plots, "html": page}
+    atomic_write_text(folder / "bench.md", markdown(report))
+    return {**plots, "html": page, "markdown": folder / "bench.md"}
 
 
 def render_html(report: dict[str, Any]) -> str:
     e = html.escape
-    head = ["variant", "case", *(label for label, _, _ in columns(report))]
+    head = ["variant", "case", *_labels(report)]
     body = "".join(
         "<tr>" + "".join(f"<td>{e(c)}</td>" for c in (v, case, *cells)) + "</tr>"
         for v, case, cells in rows(report)
