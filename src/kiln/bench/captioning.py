@@ -544,17 +544,13 @@ def apply_drift(
             elif not common:
                 reason = f"the reference ({ref['id']}) has no captions for this case"
             else:
-                pairs = [
-                    (a, b)
-                    for call in common
-                    for a, b in zip(ours[call]["captions"], theirs[call]["captions"], strict=False)
-                ]
+                # Token ids, not text: distinct tokens can decode to the same string.
                 tokens = [
-                    (a, b)
+                    (list(a), list(b))
                     for call in common
                     for a, b in zip(ours[call]["tokens"], theirs[call]["tokens"], strict=False)
                 ]
-                exact.update(value=sum(a == b for a, b in pairs) / len(pairs), reason=None)
+                exact.update(value=sum(a == b for a, b in tokens) / len(tokens), reason=None)
                 score.update(
                     value=bleu([a for a, _ in tokens], [b for _, b in tokens]), reason=None
                 )
