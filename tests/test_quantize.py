@@ -151,6 +151,8 @@ def overflowing(tmp_path_factory):
     return out
 
 
+# kiln.quantize measures the raw fp16 variant's drift: diffusers casts its NaN image to uint8.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 def test_nan_guard_reruns_overflowing_calls_at_fp32(overflowing, caplog):
     variant = read_manifest(overflowing).variant("vae_decoder/torch/fp16")
     assert variant.drift["component"]["non_finite_calls"] > 0, "the model really overflows"

