@@ -9,7 +9,9 @@ import pytest
 
 from kiln.runtimes.pages import drop_mapped_pages
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="needs Linux: /proc/self/smaps and madvise"
+)
 
 
 def resident_bytes(path: Path) -> int | None:
