@@ -73,7 +73,7 @@ def test_read_manifest_errors_are_one_line(tmp_path):
     with pytest.raises(ArtifactError, match="not a kiln artifact"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(ArtifactError, match="not a valid kiln manifest"):
+    with pytest.raises(ArtifactError, match="manifest.json is not valid JSON"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(ArtifactError, match="schema version 99"):

@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from cli_helpers import run_kiln  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import (  # noqa: E402
     BlipForConditionalGeneration,
@@ -219,6 +220,50 @@ def test_caption_options_match_transformers(captioner, reference, options):
     assert [len(c) for c in ours.captions] == [captions] * len(images)
 
 
+def test_transformers_names_for_caption_options(captioner, reference):
+    images = _images()[:2]
+    ours = captioner.caption(images, num_beams=4, num_return_sequences=2, max_new_tokens=6)
+    assert [len(c) for c in ours.captions] == [2, 2]
+    assert ours.sequences == _torch_generate(
+        reference, images, num_beams=4, num_return_sequences=2, max_new_tokens=6
+    )
+    with pytest.raises(InvalidRequestError, match="num_captions=2 and num_return_sequences=3"):
+        captioner.caption(images, num_beams=4, num_captions=2, num_return_sequences=3)
+
+
+def test_version_drift_is_warned_once_and_shown(blip_artifact, tmp_path):
+    import shutil
+    import warnings
+
+    import transformers
+
+    from kiln.versions import LibraryVersionWarning
+
+    copy = tmp_path / "old"
+    shutil.copytree(blip_artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for variant in manifest["variants"]:
+        variant["versions"]["transformers"] = "5.0.0"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    expected = f"transformers 5.0.0 made 3 variants, {transformers.__version__} is installed"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        kiln.load(copy)
+        kiln.load(copy)
+    drift = [w for w in caught if issubclass(w.category, LibraryVersionWarning)]
+    assert [str(w.message) for w in drift] == [
+        f"{copy}: {expected}: outputs may differ from the parity and drift recorded"
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        kiln.load(blip_artifact)
+    assert not [w for w in caught if issubclass(w.category, LibraryVersionWarning)]
+    shown = run_kiln("inspect", copy)
+    assert shown.returncode == 0 and expected in " ".join(shown.stdout.split())
+    planned = run_kiln("doctor", copy, "--json")
+    assert json.loads(planned.stdout)["version_drift"][0]["recorded"] == "5.0.0"
+
+
 def test_same_seed_same_samples_different_seed_different(captioner):
     images = _images()[:1]
     first = captioner.caption(images, do_sample=True, seed=11, num_captions=3)
@@ -256,7 +301,7 @@ def test_bad_requests_are_clear_errors(captioner, tmp_path):
         ([buffer], {"num_beams": 11}, "num_beams"),
         ([buffer], {"num_captions": 3}, "num_captions"),
         ([buffer], {"temperature": -1.0, "do_sample": True}, "temperature"),
-        ([buffer], {"output_scores": True}, "unknown generation option"),
+        ([buffer], {"output_scores": True}, "does not take 'output_scores'"),
         ([buffer] * 9, {}, "at most 8 images"),
     ]
     for images, options, fragment in cases:

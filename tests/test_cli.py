@@ -41,6 +41,37 @@ def test_export_of_a_pickle_checkpoint(tmp_path):
     assert_user_error(run_kiln("export", checkpoint, "-o", tmp_path / "out"), "safetensors")
 
 
+def test_export_of_malformed_json_configs(tmp_path):
+    for name, text, fragment in [
+        ("model_index.json", "{not json", "model_index.json is not valid JSON"),
+        ("model_index.json", "[]", "model_index.json holds a JSON list"),
+        ("config.json", "\xff\xfe", "config.json"),
+    ]:
+        model = tmp_path / f"model-{len(text)}"
+        model.mkdir()
+        (model / name).write_text(text, encoding="latin-1")
+        out = tmp_path / f"out-{len(text)}"
+        assert_user_error(run_kiln("export", model, "-o", out), fragment)
+        assert not out.exists()
+
+
+def test_output_paths_with_a_file_in_the_way(artifacts, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    for out, fragment in [(blocker, "is a file"), (blocker / "sub", "is under")]:
+        result = run_kiln("export", artifacts.models["sd1"], "-o", out)
+        assert_user_error(result, "export folder", fragment)
+    assert_user_error(run_kiln("demo", "-o", blocker), "demo folder", "is a file")
+    assert_user_error(
+        run_kiln("generate", artifacts["sd1"], "x", "-o", blocker / "x.png"), "--output"
+    )
+    assert_user_error(run_kiln("generate", artifacts["sd1"], "x", "-o", tmp_path), "is a folder")
+    assert_user_error(
+        run_kiln("bench", "run", artifacts["sd1"], "--json", blocker / "b.json"), "--json"
+    )
+    assert blocker.read_text() == "keep me"
+
+
 def test_generate_writes_a_png_and_inspect_reports(artifacts, tmp_path):
     image = tmp_path / "out.png"
     result = run_kiln(

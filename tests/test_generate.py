@@ -163,6 +163,49 @@ def test_batch_and_seed_reproducibility(deployments):
     assert psnr(first.images[0], other.images[0]) < 30
 
 
+def test_diffusers_keyword_names_give_the_same_images(deployments, tiny_models):
+    deployment = deployments("sd1")
+    ours = deployment.generate(PROMPT, steps=2, num_images=2, seed=5, guidance_scale=6.0)
+    theirs = deployment.generate(
+        PROMPT,
+        num_inference_steps=2,
+        num_images_per_prompt=2,
+        guidance_scale=6.0,
+        generator=torch.Generator("cpu").manual_seed(5),
+    )
+    assert theirs.seed == 5 and theirs.steps == 2
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(ours.images, theirs.images, strict=True)
+    )
+    reference = _reference(
+        tiny_models["sd1"],
+        prompt=PROMPT,
+        num_inference_steps=2,
+        num_images_per_prompt=2,
+        guidance_scale=6.0,
+        seed=5,
+    )
+    assert psnr(theirs.images[1], reference[1]) >= MIN_PSNR
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"eta": 0.3}, "generate\\(\\) does not take 'eta'"),
+        ({"cross_attention_kwargs": {"scale": 0.5}}, "does not take 'cross_attention_kwargs'"),
+        ({"steps": 3, "num_inference_steps": 4}, "steps=3 and num_inference_steps=4"),
+        ({"seed": 1, "generator": torch.Generator("cpu").manual_seed(1)}, "seed or generator"),
+        ({"generator": 7}, "CPU torch.Generator"),
+        ({"generator": [torch.Generator("cpu")] * 3}, "3 generators for 1 images"),
+        ({"num_inference_steps": "4"}, "must be integers"),
+    ],
+)
+def test_unsupported_or_conflicting_names_are_refused(deployments, kwargs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        deployments("sd1").generate(PROMPT, **kwargs)
+
+
 def test_progress_reports_every_step(deployments):
     seen = []
     result = deployments("sd1").generate(

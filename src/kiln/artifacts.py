@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import ArtifactError
+from kiln.errors import ArtifactError, KilnError, OutputPathError
 from kiln.models.spec import Precision
 
 MANIFEST_NAME = "manifest.json"
@@ -268,8 +268,8 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(
             f"{root} is not a kiln artifact (no {MANIFEST_NAME}); create one with `kiln export`"
         )
+    data = read_json(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
         return Manifest.from_dict(data)
     except ArtifactError:
         raise
@@ -284,6 +284,45 @@ def write_manifest(folder: str | os.PathLike[str], manifest: Manifest) -> Path:
     path = Path(folder) / MANIFEST_NAME
     atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
     return path
+
+
+def read_json(path: Path, error: type[KilnError] = ArtifactError) -> dict[str, Any]:
+    """A JSON object from `path`; a missing, unreadable or malformed file raises `error`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path} cannot be read ({exc})") from None
+    except ValueError as exc:
+        raise error(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def check_output_folder(path: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """`path` as a folder kiln may write into (made later); a file in the way is refused."""
+    path = Path(path)
+    _refuse_file_in_the_way(path, (path, *path.parents), what)
+    return path
+
+
+def check_output_file(path: str | os.PathLike[str], what: str = "output file") -> Path:
+    """`path` as a file kiln may write (its folder made later); a folder or file in the way
+    is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{what} {path} is a folder; give a file name")
+    _refuse_file_in_the_way(path, path.parents, what)
+    return path
+
+
+def _refuse_file_in_the_way(path: Path, candidates: Iterable[Path], what: str) -> None:
+    existing = next((p for p in candidates if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        detail = "is a file, not a folder" if existing == path else f"is under {existing}, a file"
+        raise OutputPathError(f"{what} {path} {detail}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -6,12 +6,14 @@ kiln bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,21 @@ from rich.text import Text
 
 from kiln.errors import KilnError
 from kiln.ui import console, err_console, progress_bar
+
+# OS errors that say something about the machine (full disk, permissions, a file where a folder
+# must be), not about kiln: one line, like a KilnError. Other OS errors keep their traceback.
+ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ENAMETOOLONG,
+    }
+)
 
 app = typer.Typer(
     name="kiln",
@@ -36,6 +53,7 @@ app = typer.Typer(
 def main() -> None:
     """Console-script entry point."""
     _quiet_libraries()
+    _warnings_as_lines()
     # A terminated run cleans up like an interrupted one (staging folders removed).
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -48,6 +66,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -69,6 +92,27 @@ def _quiet_libraries() -> None:
         "bitsandbytes",
     ):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _warnings_as_lines() -> None:
+    """kiln's own warnings print as one readable line, not as a source location."""
+    from kiln.versions import LibraryVersionWarning
+
+    original = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, LibraryVersionWarning):
+            err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        else:
+            original(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+
+
+def _version_lines(variants: Any) -> list[Text]:
+    from kiln.versions import version_drift
+
+    return [Text(f"version drift: {drift}", style="yellow") for drift in version_drift(variants)]
 
 
 @contextmanager
@@ -281,9 +325,11 @@ def generate(
 ) -> None:
     """Generate images with a compiled Stable Diffusion artifact."""
     import kiln
+    from kiln.artifacts import check_output_file
 
     if mask is not None and init_image is None:
         raise typer.BadParameter("--mask needs --init-image")
+    check_output_file(output, "--output")
     deployment = kiln.load(
         artifact,
         prefer=prefer or (),
@@ -438,6 +484,8 @@ def inspect(
     info = ", ".join(f"{k}={v}" for k, v in manifest.model_info.items())
     console.print(f"model: {info}", highlight=False)
     console.print(_variants_table(manifest))
+    for line in _version_lines(manifest.variants):
+        console.print(line)
     if verify:
         console.print("[green]all files match their SHA-256[/]")
 
@@ -514,6 +562,7 @@ def doctor(
     from kiln.profiles.hardware import detect, format_profile, install_hint
     from kiln.profiles.targets import target_for
     from kiln.quant.recipes import matrix_status
+    from kiln.versions import version_drift
 
     profile = detect()
     target = target_for(profile, target_profile)
@@ -522,7 +571,9 @@ def doctor(
         from kiln.artifacts import read_manifest
         from kiln.profiles.select import Policy, select
 
-        plan = select(read_manifest(artifact), profile, Policy(), target)
+        manifest = read_manifest(artifact)
+        plan = select(manifest, profile, Policy(), target)
+        planned = [manifest.variant(choice.variant_id) for choice in plan.choices]
     if as_json:
         data: dict[str, Any] = {
             "profile": profile.to_dict(),
@@ -540,6 +591,7 @@ def doctor(
                 for r, c in zip(plan.rows(), plan.choices, strict=True)
             ]
             data["plan_notes"] = list(plan.notes)
+            data["version_drift"] = [d.to_dict() for d in version_drift(planned)]
         print(json.dumps(data, indent=2))
         return
     console.print(format_profile(profile))
@@ -554,6 +606,8 @@ def doctor(
     console.print(_quantization_table(matrix_status(profile)))
     if plan is not None:
         console.print(_plan_table(plan))
+        for line in _version_lines(planned):
+            console.print(line)
 
 
 def _quantization_table(rows: list[dict[str, str]]) -> Table:

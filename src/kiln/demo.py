@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kiln.artifacts import check_output_folder
 from kiln.errors import KilnError
 from kiln.models.sources import quiet_progress_bars
 
@@ -148,6 +149,7 @@ def _save_captioned(path: Path, image: Any, caption: str) -> Path:
 
 
 def _claim_folder(out: Path) -> None:
+    check_output_folder(out, "demo folder")
     if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
         raise KilnError(
             f"{out} exists and was not made by `kiln demo`; pass --out with a new folder"

@@ -36,3 +36,7 @@ class BackendUnavailableError(KilnError):
 
 class InvalidRequestError(KilnError):
     """Generation or captioning arguments are out of range (size, steps, strength, ...)."""
+
+
+class OutputPathError(KilnError):
+    """An output path cannot be written: a file where a folder must go, or the reverse."""

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from kiln.artifacts import read_json
 from kiln.errors import InvalidRequestError, KilnError
 from kiln.ui import console, err_console, progress_bar
 
@@ -232,10 +233,7 @@ def compare(
 def _read_report(path: Path) -> dict[str, Any]:
     from kiln.bench.schema import validation_errors
 
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidRequestError(f"cannot read bench report {path}: {exc}") from None
+    data = read_json(path, InvalidRequestError)
     errors = validation_errors(data)
     if errors:
         raise InvalidRequestError(f"{path} is not a kiln bench report v1: {errors[0]}")

@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import Manifest, atomic_write_text, now_utc, read_manifest, write_manifest
+from kiln.artifacts import (
+    Manifest,
+    atomic_write_text,
+    check_output_file,
+    check_output_folder,
+    now_utc,
+    read_manifest,
+    write_manifest,
+)
 from kiln.bench.workload import Workload
 from kiln.errors import InvalidRequestError
 
@@ -283,8 +291,8 @@ def run_bench(
     planned = plan_variants(manifest, variants, baselines, prefer)
     emit = on_event or (lambda event: None)
     profile = detect()
-    json_file = Path(json_path) if json_path is not None else None
-    report_root = Path(report_dir) if report_dir is not None else None
+    json_file = check_output_file(json_path, "--json") if json_path is not None else None
+    report_root = check_output_folder(report_dir, "--report") if report_dir is not None else None
     if report_root is not None:
         report_root.mkdir(parents=True, exist_ok=True)
         json_file = json_file or report_root / "bench.json"

@@ -26,6 +26,7 @@ from kiln.artifacts import (
     Parity,
     StagingFolder,
     Variant,
+    check_output_folder,
     file_entries,
     read_manifest,
     staging_folder,
@@ -91,7 +92,7 @@ def export(
     unknown = [t for t in options.targets if t not in TARGETS]
     if unknown:
         raise ExportError(f"unknown target {unknown[0]!r}; available targets: {', '.join(TARGETS)}")
-    out = Path(out)
+    out = check_output_folder(out, "export folder")
     model = load_source(source, config=config)
     specs = model.specs()
     chosen = list(components or specs)
@@ -308,13 +309,13 @@ TARGET_LIBRARIES = {
 
 
 def library_versions(target: str, **extra: str) -> dict[str, str]:
-    """kiln, torch and the installed libraries of `target`, plus `extra` entries."""
+    """kiln, torch, the pipeline libraries and those of `target`, plus `extra` entries."""
     import importlib.metadata
 
     import torch
 
     versions = {"kiln": __version__, "torch": torch.__version__, **extra}
-    for package in TARGET_LIBRARIES.get(target, ()):
+    for package in ("transformers", "diffusers", *TARGET_LIBRARIES.get(target, ())):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return versions

@@ -237,6 +237,20 @@ def _default_tolerances() -> dict[Precision, Tolerance]:
     return dict(DEFAULT_TOLERANCES)
 
 
+def cache_argument() -> str:
+    """The keyword transformers' models and `generate()` pass the key/value cache under.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (inputs and model outputs alike);
+    its models still take the old name, with a deprecation warning, but `generate()` passes
+    and reads only the new one. An adapter that takes the wrong name silently decodes every
+    step without its past.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    return "cache" if "cache" in fields else "past_key_values"
+
+
 def seeded_cache(config: Any, states: Sequence[torch.Tensor]) -> Any:
     """A `DynamicCache` holding the given (key, value, key, value, ...) tensors per layer.
 
@@ -291,7 +305,7 @@ def export_module(model: Any, component: str, info: BlipModelInfo) -> torch.nn.M
                 attention_mask=torch.cat([past_attention_mask, attention_mask], dim=1),
                 # Only routes the layers through cross-attention: its key/values are cached.
                 encoder_hidden_states=cross[0],
-                past_key_values=both,
+                **{cache_argument(): both},
                 use_cache=True,
                 return_dict=True,
             )

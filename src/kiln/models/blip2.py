@@ -155,7 +155,7 @@ def component_specs(info: Blip2ModelInfo) -> dict[str, ComponentSpec]:
 def export_module(model: Any, component: str, info: Blip2ModelInfo) -> torch.nn.Module:
     import torch
 
-    from kiln.models.blip import seeded_cache
+    from kiln.models.blip import cache_argument, seeded_cache
 
     class VisionQFormer(torch.nn.Module):
         def __init__(self, blip2: torch.nn.Module) -> None:
@@ -193,7 +193,7 @@ def export_module(model: Any, component: str, info: Blip2ModelInfo) -> torch.nn.
                 inputs_embeds=inputs_embeds,
                 position_ids=position_ids,
                 attention_mask=torch.cat([past_attention_mask, attention_mask], dim=1),
-                past_key_values=cache,
+                **{cache_argument(): cache},
                 use_cache=True,
                 return_dict=True,
             )

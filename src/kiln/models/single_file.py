@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kiln.artifacts import read_json
 from kiln.errors import SourceError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -180,10 +180,7 @@ def _check_config(config: Path, path: Path, human: str, class_name: str) -> Path
             f"--config {config} is not a diffusers folder (no model_index.json); pass a folder "
             f"with model_index.json, component configs and tokenizer for {human}"
         )
-    try:
-        folder_class = json.loads(index.read_text()).get("_class_name", "")
-    except (OSError, ValueError, AttributeError) as e:
-        raise SourceError(f"--config {config}: cannot read model_index.json ({e})") from e
+    folder_class = read_json(index, SourceError).get("_class_name", "")
     if folder_class and ("XL" in folder_class) != ("XL" in class_name):
         raise SourceError(
             f"--config {config} is a {folder_class} folder but {path.name} looks like {human}; "

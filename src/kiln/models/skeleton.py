@@ -13,7 +13,6 @@ restore them and the library's own constructor must compute them.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kiln.artifacts import SUPPORT_DIR
+from kiln.artifacts import SUPPORT_DIR, read_json
 from kiln.errors import ArtifactError, UnsupportedModelError
 
 # Parameters a component's forward never reads, by family then component: the wrapper holds
@@ -116,7 +115,7 @@ def _stable_diffusion(
 ) -> torch.nn.Module:
     from kiln.models import stable_diffusion as sd
 
-    index = json.loads((support / "model_index.json").read_text(encoding="utf-8"))
+    index = read_json(support / "model_index.json")
     # export_module always touches `pipeline.vae` (it turns tiling off); a stand-in object
     # takes that assignment when the component is not a VAE half.
     parts = SimpleNamespace(

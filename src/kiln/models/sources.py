@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.artifacts import read_json
 from kiln.errors import SourceError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -112,7 +112,9 @@ def _load_folder(path: Path, info: SourceInfo) -> LoadedModel:
 
         return StableDiffusionModel.from_folder(path, info)
     if (path / "config.json").is_file():
-        architectures = _read_json(path / "config.json").get("architectures") or ["unknown"]
+        architectures = read_json(path / "config.json", SourceError).get("architectures") or [
+            "unknown"
+        ]
         from kiln.models.blip import ARCHITECTURES as BLIP_ARCHITECTURES
 
         if architectures[0] in BLIP_ARCHITECTURES:
@@ -178,10 +180,3 @@ def folder_hash(path: Path) -> str:
             f"{file.relative_to(path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
         )
     return f"meta-sha256:{digest.hexdigest()}"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"{path} is not valid JSON ({exc})") from None

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import enum
 import gc
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.artifacts import read_json
 from kiln.errors import SourceError, UnsupportedModelError
 from kiln.models.sources import LoadedModel, SourceInfo, free_weights
 from kiln.models.spec import (
@@ -346,7 +346,7 @@ class StableDiffusionModel(LoadedModel):
 
     @classmethod
     def from_folder(cls, path: Path, source: SourceInfo) -> StableDiffusionModel:
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        index = read_json(path / "model_index.json", SourceError)
         name = index.get("_class_name", "unknown")
         if name not in SUPPORTED_PIPELINES:
             raise UnsupportedModelError(

@@ -28,6 +28,7 @@ from kiln.models.blip import (
     BlipModelInfo,
 )
 from kiln.pipelines.deployment import Deployment
+from kiln.pipelines.options import take_aliases
 
 # Generation options passed through to transformers' generate() (after the checks below).
 GENERATION_OPTIONS = frozenset(
@@ -37,7 +38,6 @@ GENERATION_OPTIONS = frozenset(
         "max_length",
         "min_length",
         "num_beams",
-        "num_return_sequences",
         "do_sample",
         "temperature",
         "top_k",
@@ -141,9 +141,10 @@ class CaptioningDeployment(Deployment):
     ) -> CaptionResult:
         """Caption each image (conditionally on `prompt`: one string, or one per image).
 
-        Options are transformers' generation options (`num_beams`, `max_new_tokens`,
-        `do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`, ...). With the
-        same `seed` (sampling draws from torch's global generator, seeded here) the tokens
+        Options are transformers' generation options, under transformers' names (`num_beams`,
+        `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`,
+        ..., and `num_return_sequences` for `num_captions`); others are refused by name. With
+        the same `seed` (sampling draws from torch's global generator, seeded here) the tokens
         are those of `BlipForConditionalGeneration.generate` on the same processor inputs.
         """
         if not self.can_caption:
@@ -224,13 +225,14 @@ class CaptioningDeployment(Deployment):
         return sequences, vision_seconds
 
     def _generation_options(self, num_captions: int, given: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(given) - GENERATION_OPTIONS)
-        if unknown:
-            raise InvalidRequestError(
-                f"unknown generation option {unknown[0]!r}; "
-                f"supported: {', '.join(sorted(GENERATION_OPTIONS))}"
-            )
-        options = {k: v for k, v in given.items() if v is not None}
+        options = {k: v for k, v in given.items() if v is not None and k in GENERATION_OPTIONS}
+        num_captions = take_aliases(
+            "caption()",
+            {k: v for k, v in given.items() if k not in GENERATION_OPTIONS},
+            {"num_return_sequences": "num_captions"},
+            {"num_captions": (num_captions, 1)},
+            f"images, prompt, seed, num_captions, {', '.join(sorted(GENERATION_OPTIONS))}",
+        )["num_captions"]
         if "max_new_tokens" not in options and "max_length" not in options:
             options["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         beams = options.get("num_beams", 1)

@@ -17,6 +17,7 @@ from kiln.profiles.select import Plan, Policy, select
 from kiln.profiles.targets import TargetProfile, target_for
 from kiln.runtimes import open_for_check, open_session
 from kiln.runtimes.base import Session
+from kiln.versions import warn_version_drift
 
 
 class Deployment:
@@ -88,6 +89,8 @@ def load(
     `objective` is `"latency"` or `"memory"`; `drift_budget` maps metric to limit
     (`{"psnr": 25}` or `["psnr=25"]`, default `DEFAULT_DRIFT_BUDGET`).
     `guard` wraps reduced-precision components in the NaN guard (`kiln.runtimes.guard`).
+    A planned variant made with another torch, transformers, diffusers, onnxruntime or
+    openvino than the installed one raises a `LibraryVersionWarning` naming both versions.
     """
     started = time.perf_counter()
     root = Path(path)
@@ -104,6 +107,7 @@ def load(
     )
     profile = profile or detect()
     plan = select(manifest, profile, policy, target_for(profile, target_profile))
+    warn_version_drift(root, (manifest.variant(c.variant_id) for c in plan.choices))
     if verify:
         verify_files(root, manifest.support_files)
         for choice in plan.choices:

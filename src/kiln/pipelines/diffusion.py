@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import SUPPORT_DIR
+from kiln.artifacts import SUPPORT_DIR, read_json
 from kiln.errors import InvalidRequestError
 from kiln.models.stable_diffusion import (
     MAX_BATCH,
@@ -27,12 +27,17 @@ from kiln.models.stable_diffusion import (
     DiffusionModelInfo,
 )
 from kiln.pipelines.deployment import Deployment
+from kiln.pipelines.options import take_aliases
 from kiln.pipelines.schedulers import canonical_name, make_scheduler
 
 MAX_STEPS = 500
 MAX_GUIDANCE = 50.0
 
 StepCallback = Callable[[int, int], None]
+GENERATE_NAMES = (
+    "prompt, negative_prompt, steps, guidance_scale, width, height, seed, num_images, "
+    "scheduler, image, strength, mask_image, generator, progress"
+)
 
 
 @dataclass
@@ -162,15 +167,28 @@ class DiffusionDeployment(Deployment):
         image: Any = None,
         strength: float = 0.8,
         mask_image: Any = None,
+        generator: Any = None,
         progress: StepCallback | None = None,
+        **diffusers_names: Any,
     ) -> GenerationResult:
         """Text-to-image, or image-to-image with `image`, or inpainting with `image` + `mask_image`.
 
         The same `seed` gives the image diffusers gives with
-        `generator=torch.Generator("cpu").manual_seed(seed)` for the same settings.
+        `generator=torch.Generator("cpu").manual_seed(seed)` for the same settings; a seeded
+        CPU `generator` (or one per image) is taken as diffusers takes it, instead of `seed`.
+        diffusers' names `num_inference_steps` and `num_images_per_prompt` stand for `steps`
+        and `num_images`; any other name is refused.
         """
         import torch
 
+        named = take_aliases(
+            "generate()",
+            diffusers_names,
+            {"num_inference_steps": "steps", "num_images_per_prompt": "num_images"},
+            {"steps": (steps, 25), "num_images": (num_images, 1)},
+            GENERATE_NAMES,
+        )
+        steps, num_images = named["steps"], named["num_images"]
         mode = (
             "inpaint" if mask_image is not None else "img2img" if image is not None else "txt2img"
         )
@@ -191,7 +209,11 @@ class DiffusionDeployment(Deployment):
             if scheduler_name
             else self._components["scheduler"]
         )
-        seed = random.randrange(2**32) if seed is None else int(seed)
+        if generator is not None:
+            seed = _generator_seed(generator, seed, num_images * _prompt_count(prompt))
+        else:
+            seed = random.randrange(2**32) if seed is None else int(seed)
+            generator = torch.Generator("cpu").manual_seed(seed)
         stamps: list[float] = []
 
         def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
@@ -210,7 +232,7 @@ class DiffusionDeployment(Deployment):
             "num_inference_steps": steps,
             "guidance_scale": guidance_scale,
             "num_images_per_prompt": num_images,
-            "generator": torch.Generator("cpu").manual_seed(seed),
+            "generator": generator,
             "callback_on_step_end": on_step_end,
         }
         if mode == "txt2img":
@@ -256,6 +278,8 @@ class DiffusionDeployment(Deployment):
             isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt)
         ):
             raise InvalidRequestError("prompt must be a string or a non-empty list of strings")
+        if not isinstance(steps, int) or not isinstance(num_images, int):
+            raise InvalidRequestError("steps and num_images must be integers")
         if not 1 <= steps <= MAX_STEPS:
             raise InvalidRequestError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
         if not 0 <= guidance <= MAX_GUIDANCE:
@@ -269,8 +293,7 @@ class DiffusionDeployment(Deployment):
                     f"{name} {value} is outside what this artifact was compiled for: "
                     f"{low} to {high} in steps of {multiple}"
                 )
-        prompts = 1 if isinstance(prompt, str) else len(prompt)
-        if not 1 <= num_images * prompts <= MAX_BATCH:
+        if not 1 <= num_images * _prompt_count(prompt) <= MAX_BATCH:
             raise InvalidRequestError(f"at most {MAX_BATCH} images per call (prompts x num_images)")
         if mode != "txt2img" and not 0 < strength <= 1:
             raise InvalidRequestError(f"strength must be in (0, 1], got {strength}")
@@ -280,6 +303,26 @@ class DiffusionDeployment(Deployment):
             )
         if self.info.inpainting and mode != "inpaint":
             raise InvalidRequestError("this is an inpainting model: pass an init image and a mask")
+
+
+def _prompt_count(prompt: str | Sequence[str]) -> int:
+    return 1 if isinstance(prompt, str) else len(prompt)
+
+
+def _generator_seed(generator: Any, seed: int | None, images: int) -> int:
+    """The seed a caller's generator (or list of them, one per image) was seeded with."""
+    import torch
+
+    if seed is not None:
+        raise InvalidRequestError("pass seed or generator, not both")
+    generators = generator if isinstance(generator, list) else [generator]
+    if not all(isinstance(g, torch.Generator) and g.device.type == "cpu" for g in generators):
+        raise InvalidRequestError("generator must be a CPU torch.Generator or a list of them")
+    if isinstance(generator, list) and len(generators) != images:
+        raise InvalidRequestError(
+            f"{len(generators)} generators for {images} images: pass one per image"
+        )
+    return generators[0].initial_seed()
 
 
 def _open_image(value: Any, what: str) -> Any:
@@ -299,9 +342,7 @@ def _open_image(value: Any, what: str) -> Any:
 
 
 def _read_index(support: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads((support / "model_index.json").read_text(encoding="utf-8"))
+    return read_json(support / "model_index.json")
 
 
 def _scheduler_class(support: Path) -> Any:

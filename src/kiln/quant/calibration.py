@@ -141,7 +141,11 @@ def read_prompts(path: str | Path | None, count: int) -> list[str]:
         file = Path(path)
         if not file.is_file():
             raise InvalidRequestError(f"prompt file {file} does not exist")
-        prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidRequestError(f"cannot read prompt file {file} ({exc})") from None
+        prompts = [line.strip() for line in lines]
         prompts = [p for p in prompts if p and not p.startswith("#")]
         if not prompts:
             raise InvalidRequestError(f"prompt file {file} holds no prompts")

@@ -12,7 +12,9 @@ graph takes embeddings (BLIP-2 writes the image's soft prompt into the first ste
 
 Transformers passes `position_ids` (from the attention mask) and `logits_to_keep` to models
 whose forward accepts them; these adapters accept them so generate() prepares exactly the
-inputs it prepares for the PyTorch models.
+inputs it prepares for the PyTorch models. The cache comes as `cache` from transformers 5.24
+on and as `past_key_values` before; both are taken and the output names it as the installed
+transformers does (`cache_argument()`), or generate() would drop it between steps.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from transformers.models.blip.configuration_blip import BlipTextConfig
 from transformers.models.opt.configuration_opt import OPTConfig
 
 from kiln.errors import InvalidRequestError
-from kiln.models.blip import cross_names, past_names, present_names
+from kiln.models.blip import cache_argument, cross_names, past_names, present_names
 from kiln.runtimes.base import Session
 
 
@@ -65,6 +67,7 @@ class CompiledBlipTextDecoder(PreTrainedModel, GenerationMixin):
         position_ids: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -77,7 +80,7 @@ class CompiledBlipTextDecoder(PreTrainedModel, GenerationMixin):
             raise InvalidRequestError("image embeddings are never padded in BLIP")
         # As BlipTextEncoder: self-attention and cross-attention caches side by side; the
         # cross-attention key/values of the image are computed on the first step only.
-        cache = past_key_values
+        cache = cache if cache is not None else past_key_values
         if not isinstance(cache, EncoderDecoderCache):
             cache = EncoderDecoderCache(cache or DynamicCache(), DynamicCache())
         cross = cache.cross_attention_cache
@@ -99,7 +102,7 @@ class CompiledBlipTextDecoder(PreTrainedModel, GenerationMixin):
             self,
         )
         return CausalLMOutputWithCrossAttentions(
-            logits=_keep(logits, logits_to_keep), past_key_values=cache
+            logits=_keep(logits, logits_to_keep), **{cache_argument(): cache}
         )
 
 
@@ -133,6 +136,7 @@ class CompiledOptForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -144,7 +148,7 @@ class CompiledOptForCausalLM(PreTrainedModel, GenerationMixin):
             raise InvalidRequestError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
-        cache = past_key_values if past_key_values is not None else DynamicCache()
+        cache = next((c for c in (cache, past_key_values) if c is not None), None) or DynamicCache()
         if position_ids is None:
             # As OPTDecoder: positions count attended tokens (padding shifts them).
             past = cache.get_seq_length()
@@ -163,7 +167,9 @@ class CompiledOptForCausalLM(PreTrainedModel, GenerationMixin):
             cache,
             self,
         )
-        return CausalLMOutputWithPast(logits=_keep(logits, logits_to_keep), past_key_values=cache)
+        return CausalLMOutputWithPast(
+            logits=_keep(logits, logits_to_keep), **{cache_argument(): cache}
+        )
 
 
 def run_with_past(
