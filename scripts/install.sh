@@ -31,4 +31,12 @@ for set in "${sets[@]}"; do
   "${pip[@]}" -r "$lock/$set.txt"
 done
 "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+if [[ " ${sets[*]} " == *" dev "* ]]; then
+  # The serve page's test drives Debian's Chromium: a system package, installed as root.
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    bash scripts/install-browser.sh
+  else
+    echo "install.sh: not root: the page test will skip until scripts/install-browser.sh runs"
+  fi
+fi
 "$venv/bin/python" -c "import kiln, torch; print(f'kiln {kiln.__version__} installed in $venv (torch {torch.__version__})')"

@@ -32,20 +32,21 @@ compile() {
 
 echo "update-lock: resolving with $("$uv" --version)"
 # dev is the whole tested set; every other file is resolved within it, so an extra installed
-# beside the core gets exactly the versions the tests ran on.
+# beside the core gets exactly the versions the tests ran on (unannotated: their "via" would
+# name the temporary folder, and dev.txt says why each package is there).
 compile dev.txt "${upgrade[@]}" pyproject.toml --extra dev
-compile core.txt pyproject.toml --constraint "$new/dev.txt"
+within() { compile "$@" --constraint "$new/dev.txt" --no-annotate; }
+within core.txt pyproject.toml
 extras="$(python3 -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"])')"
 for extra in $extras; do
   case "$extra" in
     dev) ;;
     # onnxruntime-gpu replaces onnxruntime (the same module): the gpu set leaves it out.
-    gpu) compile gpu.txt "${upgrade[@]}" pyproject.toml --extra gpu --constraint "$new/dev.txt" \
-      --no-emit-package onnxruntime ;;
-    *) compile "$extra.txt" pyproject.toml --extra "$extra" --constraint "$new/dev.txt" ;;
+    gpu) within gpu.txt "${upgrade[@]}" pyproject.toml --extra gpu --no-emit-package onnxruntime ;;
+    *) within "$extra.txt" pyproject.toml --extra "$extra" ;;
   esac
 done
-compile bootstrap.txt "${upgrade[@]}" requirements/bootstrap.in --constraint "$new/dev.txt"
+within bootstrap.txt "${upgrade[@]}" requirements/bootstrap.in
 
 echo "update-lock: installing the new set into .venv-lock"
 KILN_LOCK_DIR="$new" KILN_VENV=.venv-lock bash scripts/install.sh dev

@@ -42,15 +42,16 @@ def test_export_of_a_pickle_checkpoint(tmp_path):
 
 
 def test_export_of_malformed_json_configs(tmp_path):
-    for name, text, fragment in [
+    cases = [
         ("model_index.json", "{not json", "model_index.json is not valid JSON"),
         ("model_index.json", "[]", "model_index.json holds a JSON list"),
         ("config.json", "\xff\xfe", "config.json"),
-    ]:
-        model = tmp_path / f"model-{len(text)}"
+    ]
+    for index, (name, text, fragment) in enumerate(cases):
+        model = tmp_path / f"model-{index}"
         model.mkdir()
         (model / name).write_text(text, encoding="latin-1")
-        out = tmp_path / f"out-{len(text)}"
+        out = tmp_path / f"out-{index}"
         assert_user_error(run_kiln("export", model, "-o", out), fragment)
         assert not out.exists()
 

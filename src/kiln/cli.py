@@ -1,4 +1,4 @@
-"""The `kiln` command: doctor, export, generate, inspect, demo.
+"""The `kiln` command: doctor, export, quantize, generate, caption, bench, serve, inspect, demo.
 
 User errors (`KilnError`) print one line on stderr and exit non-zero; anything else is a
 kiln bug and keeps its traceback.
@@ -43,7 +43,8 @@ ENVIRONMENT_ERRNOS = frozenset(
 
 app = typer.Typer(
     name="kiln",
-    help="Compile Stable Diffusion models for the hardware at hand: export, generate, inspect.",
+    help="Compile Stable Diffusion and BLIP models for the hardware at hand: export, quantize, "
+    "generate, caption, bench, serve.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -618,6 +619,90 @@ def _quantization_table(rows: list[dict[str, str]]) -> Table:
         style = "green" if row["status"] == "runs here" else "yellow"
         table.add_row(row["cell"], row["methods"], row["library"], Text(row["status"], style=style))
     return table
+
+
+# ------------------------------------------------------------------------------------ serve
+
+
+@app.command()
+def serve(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact folders to serve.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (AUTOMATIC1111's by default).")] = 7860,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require this bearer key on every endpoint but health.")
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="Read the API key from this file.")
+    ] = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="Waiting jobs per model before 429.")] = 8,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds a request may take.")] = 600.0,
+    max_pixels: Annotated[
+        int, typer.Option(min=4096, help="Largest width x height generated or accepted.")
+    ] = 1024 * 1024,
+    max_steps: Annotated[int, typer.Option(min=1, help="Most denoising steps per image.")] = 150,
+    max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body.")] = 32.0,
+    grace: Annotated[
+        float, typer.Option(help="Seconds running jobs get to finish on SIGTERM.")
+    ] = 30.0,
+    prefer: Annotated[list[str] | None, typer.Option(help="Preferred variants.")] = None,
+    require: Annotated[list[str] | None, typer.Option(help="Required variants.")] = None,
+    objective: Annotated[str, typer.Option(help="latency, throughput or memory.")] = "latency",
+) -> None:
+    """Serve artifacts over HTTP: AUTOMATIC1111 and OpenAI compatible APIs, kiln's, a page."""
+    from kiln.errors import BackendUnavailableError, InvalidRequestError
+
+    try:
+        import uvicorn
+
+        from kiln.serve.app import create_app
+        from kiln.serve.models import ModelRegistry
+        from kiln.serve.settings import ServeSettings
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"kiln serve needs the serve extra ({exc.name} is missing): "
+            "bash scripts/install.sh serve"
+        ) from None
+    if api_key is not None and api_key_file is not None:
+        raise InvalidRequestError("pass --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidRequestError(f"cannot read --api-key-file {api_key_file}: {exc}") from None
+        if not api_key:
+            raise InvalidRequestError(f"--api-key-file {api_key_file} is empty")
+    settings = ServeSettings(
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_queue=max_queue,
+        timeout=timeout,
+        max_pixels=max_pixels,
+        max_steps=max_steps,
+        max_body_mb=max_body_mb,
+        prefer=tuple(prefer or ()),
+        require=tuple(require or ()),
+        objective=objective,
+        grace=grace,
+    )
+    registry = ModelRegistry(artifacts, settings)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    err_console.print(
+        f"kiln serve: {', '.join(f'{m.name} ({m.kind})' for m in registry.models.values())} "
+        f"on http://{host}:{port} (ready at /readyz once loaded and warmed up)",
+        highlight=False,
+    )
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again for the previous
+    # handler: a served SIGTERM is a clean stop (exit 0), not kiln's interrupt.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(
+        create_app(registry, settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(grace),
+    )
 
 
 # ------------------------------------------------------------------------------------- demo

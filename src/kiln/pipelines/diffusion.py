@@ -34,6 +34,7 @@ MAX_STEPS = 500
 MAX_GUIDANCE = 50.0
 
 StepCallback = Callable[[int, int], None]
+LatentsCallback = Callable[[int, int, Any], None]  # (step, total, latents tensor)
 GENERATE_NAMES = (
     "prompt, negative_prompt, steps, guidance_scale, width, height, seed, num_images, "
     "scheduler, image, strength, mask_image, generator, progress"
@@ -169,6 +170,7 @@ class DiffusionDeployment(Deployment):
         mask_image: Any = None,
         generator: Any = None,
         progress: StepCallback | None = None,
+        on_latents: LatentsCallback | None = None,
         **diffusers_names: Any,
     ) -> GenerationResult:
         """Text-to-image, or image-to-image with `image`, or inpainting with `image` + `mask_image`.
@@ -177,7 +179,9 @@ class DiffusionDeployment(Deployment):
         `generator=torch.Generator("cpu").manual_seed(seed)` for the same settings; a seeded
         CPU `generator` (or one per image) is taken as diffusers takes it, instead of `seed`.
         diffusers' names `num_inference_steps` and `num_images_per_prompt` stand for `steps`
-        and `num_images`; any other name is refused.
+        and `num_images`; any other name is refused. `progress(step, total)` and
+        `on_latents(step, total, latents)` are called after every denoising step; either may
+        raise to stop the run there (the exception propagates).
         """
         import torch
 
@@ -224,6 +228,8 @@ class DiffusionDeployment(Deployment):
                 self.sessions[UNET].release_memory()
             if progress is not None:
                 progress(step + 1, total)
+            if on_latents is not None:
+                on_latents(step + 1, total, callback_kwargs["latents"])
             return callback_kwargs
 
         kwargs: dict[str, Any] = {
