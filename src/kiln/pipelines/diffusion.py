@@ -37,7 +37,7 @@ StepCallback = Callable[[int, int], None]
 LatentsCallback = Callable[[int, int, Any], None]  # (step, total, latents tensor)
 GENERATE_NAMES = (
     "prompt, negative_prompt, steps, guidance_scale, width, height, seed, num_images, "
-    "scheduler, image, strength, mask_image, generator, progress"
+    "scheduler, image, strength, mask_image, generator, progress, on_latents"
 )
 
 
