@@ -113,10 +113,6 @@ class Job:
         with contextlib.suppress(Exception):  # a future already resolved stays resolved
             self.future.set_result(self)
 
-    @property
-    def queue_seconds(self) -> float:
-        return (self.started or time.time()) - self.created
-
     def to_dict(self, position: int | None = None) -> dict[str, Any]:
         return {
             "id": self.id,

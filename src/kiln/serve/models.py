@@ -107,11 +107,6 @@ class ModelRegistry:
         self._thread = threading.Thread(target=self._load_all, name="kiln-load", daemon=True)
         self._thread.start()
 
-    def wait_ready(self, timeout: float) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.ready
-
     def _load_all(self) -> None:
         import kiln
 
