@@ -210,7 +210,7 @@ class _Gate:
 
 
 class BodyTooLargeError(Exception):
-    pass
+    """A body without Content-Length grew past --max-body-mb while it was read."""
 
 
 def _too_large(settings: ServeSettings) -> JSONResponse:

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +110,7 @@ class Job:
         self.state, self.result, self.error = state, result, error
         self.finished = time.time()
         self.latents = None
-        with contextlib.suppress(Exception):  # a future already resolved stays resolved
+        with contextlib.suppress(InvalidStateError):  # a future already resolved stays so
             self.future.set_result(self)
 
     def to_dict(self, position: int | None = None) -> dict[str, Any]:
