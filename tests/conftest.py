@@ -46,3 +46,18 @@ class _Artifacts:
 @pytest.fixture(scope="session")
 def artifacts(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> _Artifacts:
     return _Artifacts(tiny_models, tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="session")
+def served_blip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny BLIP captioner and ITM artifacts, exported once for the servers' tests."""
+    import kiln
+    from kiln.models.tiny_captioning import save_model
+
+    root = tmp_path_factory.mktemp("served-blip")
+    out = {}
+    for preset, name in (("blip", "blip-captions"), ("blip-itm", "blip-match")):
+        model = save_model(preset, root / preset, seed=0)
+        out[preset] = root / name
+        kiln.export(model, out[preset])
+    return out

@@ -17,7 +17,6 @@ from PIL import Image
 from serve_helpers import Server
 
 import kiln
-from kiln.models.tiny_captioning import save_model
 
 openai = pytest.importorskip("openai", reason="the serve tests need the dev extra (openai)")
 webuiapi = pytest.importorskip("webuiapi", reason="the serve tests need the dev extra (webuiapi)")
@@ -27,20 +26,9 @@ LONG = {"prompt": "a slow one", "steps": 200, "width": 128, "height": 128, "seed
 
 
 @pytest.fixture(scope="module")
-def blip_artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-blip")
-    out = {}
-    for preset, name in (("blip", "blip-captions"), ("blip-itm", "blip-match")):
-        model = save_model(preset, root / preset, seed=0)
-        out[preset] = root / name
-        kiln.export(model, out[preset])
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(artifacts, blip_artifacts):
+def server(artifacts, served_blip):
     options = ["--max-queue", "2", "--max-body-mb", "4", "--max-steps", "200", "--timeout", "120"]
-    paths = [artifacts["sd1"], blip_artifacts["blip"], blip_artifacts["blip-itm"]]
+    paths = [artifacts["sd1"], served_blip["blip"], served_blip["blip-itm"]]
     running = Server(paths, *options, key=KEY)
     yield running
     assert running.stop() == 0, running.output()
@@ -131,9 +119,9 @@ def test_img2img_and_inpainting_through_webuiapi(a1111):
     assert not np.array_equal(np.asarray(painted.images[0]), np.asarray(out.images[0]))
 
 
-def test_interrogate_gives_the_blip_caption(a1111, blip_artifacts):
+def test_interrogate_gives_the_blip_caption(a1111, served_blip):
     image = _photo(48, seed=2)
-    expected = kiln.load(blip_artifacts["blip"]).caption([image]).caption
+    expected = kiln.load(served_blip["blip"]).caption([image]).caption
     assert a1111.interrogate(image).info == expected
     assert a1111.interrogate(image, model="blip").info == expected
 
@@ -193,17 +181,21 @@ def test_openai_images(server):
 # -------------------------------------------------------------------------------- kiln
 
 
-def test_caption_match_plan_models(client, blip_artifacts):
+def test_caption_match_plan_models(server, client, served_blip):
     image = _photo(40, seed=4)
-    expected = kiln.load(blip_artifacts["blip"]).caption([image], num_beams=2, max_new_tokens=8)
+    expected = kiln.load(served_blip["blip"]).caption([image], num_beams=2, max_new_tokens=8)
     answer = client.post(
         "/v1/caption", json={"images": [_png(image)], "num_beams": 2, "max_new_tokens": 8}
     ).json()
     assert answer["captions"] == expected.captions
-    local = kiln.load(blip_artifacts["blip-itm"]).match(image, ["a dog", "a cat"])
+    local = kiln.load(served_blip["blip-itm"]).match(image, ["a dog", "a cat"])
     matched = client.post("/v1/match", json={"image": _png(image), "texts": ["a dog", "a cat"]})
     assert np.allclose(matched.json()["itm_probabilities"], local.itm_probabilities, atol=1e-5)
-    plan = client.get("/v1/plan").json()["models"]
+    answer = client.get("/v1/plan")
+    assert answer.json()["replica"]["pid"] == server.process.pid
+    assert answer.headers["x-kiln-served-by"].endswith(f":{server.process.pid}")
+    assert "replicas" not in answer.json()  # one process: no peers to ask
+    plan = answer.json()["models"]
     unet = [c for c in plan["sd1"]["components"] if c["component"] == "unet"][0]
     assert unet["variant"] == "unet/onnx/fp32" and unet["reason"]
     kinds = {m["id"]: m["kind"] for m in client.get("/v1/models").json()["data"]}

@@ -648,6 +648,22 @@ def serve(
     prefer: Annotated[list[str] | None, typer.Option(help="Preferred variants.")] = None,
     require: Annotated[list[str] | None, typer.Option(help="Required variants.")] = None,
     objective: Annotated[str, typer.Option(help="latency, throughput or memory.")] = "latency",
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Deploy as a Ray Serve application (kiln[ray]).")
+    ] = False,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="Ray: replicas, each one copy of every model.")
+    ] = None,
+    autoscale: Annotated[
+        str | None, typer.Option(help="Ray: MIN:MAX replicas, scaled on ongoing requests.")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray: cluster to join (default RAY_ADDRESS, else local).")
+    ] = None,
+    replica_cpus: Annotated[float, typer.Option(help="Ray: CPUs per replica.")] = 1.0,
+    replica_gpus: Annotated[
+        float, typer.Option(help="Ray: GPUs per replica (fractions share a GPU).")
+    ] = 0.0,
 ) -> None:
     """Serve artifacts over HTTP: AUTOMATIC1111 and OpenAI compatible APIs, kiln's, a page."""
     from kiln.errors import BackendUnavailableError, InvalidRequestError
@@ -686,6 +702,14 @@ def serve(
         objective=objective,
         grace=grace,
     )
+    ray_flags = replicas is not None or autoscale is not None or ray_address is not None
+    if not ray and ray_flags:
+        raise InvalidRequestError("--replicas, --autoscale and --ray-address need --ray")
+    if ray:
+        _serve_on_ray(
+            artifacts, settings, replicas, autoscale, ray_address, replica_cpus, replica_gpus
+        )
+        return
     registry = ModelRegistry(artifacts, settings)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     err_console.print(
@@ -703,6 +727,144 @@ def serve(
         log_level="warning",
         timeout_graceful_shutdown=int(grace),
     )
+
+
+def _serve_on_ray(
+    artifacts: list[Path],
+    settings: Any,
+    replicas: int | None,
+    autoscale: str | None,
+    address: str | None,
+    cpus: float,
+    gpus: float,
+) -> None:
+    from kiln.artifacts import read_manifest
+    from kiln.errors import InvalidRequestError
+    from kiln.serve.ray_app import RaySettings, parse_autoscale, serve_on_ray
+
+    if replicas is not None and autoscale is not None:
+        raise InvalidRequestError("pass --replicas or --autoscale, not both")
+    for path in artifacts:
+        read_manifest(path)  # a wrong path fails here, before a cluster starts
+    ray_settings = RaySettings(
+        replicas=replicas or 1,
+        autoscale=parse_autoscale(autoscale) if autoscale is not None else None,
+        address=address,
+        replica_cpus=cpus,
+        replica_gpus=gpus,
+    )
+    serve_on_ray(
+        artifacts,
+        settings,
+        ray_settings,
+        say=lambda line: err_console.print(line, highlight=False, markup=False, soft_wrap=True),
+    )
+
+
+@app.command()
+def loadtest(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact folders to serve.")],
+    server: Annotated[
+        list[str] | None,
+        typer.Option(help="single, or ray:N (repeatable; each runs the same load)."),
+    ] = None,
+    users: Annotated[int, typer.Option(min=1, help="Concurrent Locust users.")] = 8,
+    run_time: Annotated[float, typer.Option(min=1, help="Seconds of measured load.")] = 20.0,
+    warmup: Annotated[float, typer.Option(min=0, help="Seconds of load before RSS is read.")] = 5.0,
+    mix: Annotated[
+        str, typer.Option(help="Weights of txt2img, caption and openai requests.")
+    ] = "txt2img=1,caption=1,openai=1",
+    size: Annotated[int, typer.Option(help="Image side of every request.")] = 64,
+    steps: Annotated[int, typer.Option(min=1, help="txt2img steps.")] = 4,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds before a request fails.")] = 60.0,
+    kill_after: Annotated[
+        float | None,
+        typer.Option(help="Ray with 2+ replicas: kill one this many seconds into the load."),
+    ] = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="The server's --max-queue.")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a chart of the figures here (PNG).")
+    ] = None,
+) -> None:
+    """Start kiln serve (single process or Ray), hold it under Locust's load, print figures."""
+    from kiln.artifacts import atomic_write_text, check_output_file, read_manifest
+    from kiln.serve.loadtest import LoadOptions, parse_setup, plot_results, run_loadtest
+
+    setups = [parse_setup(text) for text in server or ["single"]]
+    for path in artifacts:
+        read_manifest(path)
+    for path in (json_out, plot):
+        if path is not None:
+            check_output_file(path)
+    options = LoadOptions(
+        users=users,
+        run_seconds=run_time,
+        warmup_seconds=warmup,
+        mix=mix,
+        size=size,
+        steps=steps,
+        timeout=timeout,
+        kill_after=kill_after,
+        serve_options=("--max-queue", str(max_queue)),
+    )
+    results = run_loadtest(artifacts, setups, options, say=lambda line: err_console.print(line))
+    console.print(_loadtest_table(results))
+    for result in results:
+        for line in _loadtest_lines(result):
+            console.print(line, highlight=False, markup=False)
+    if json_out is not None:
+        figures = {"options": options.__dict__, "runs": [r.to_dict() for r in results]}
+        atomic_write_text(json_out, json.dumps(figures, indent=2))
+    if plot is not None:
+        console.print(f"chart: {plot_results(results, plot)}", highlight=False)
+
+
+def _loadtest_table(results: list[Any]) -> Table:
+    table = Table(title="kiln loadtest (Locust, loopback)")
+    for column in ("server", "request", "served/s", "p50 ms", "p99 ms", "429 share", "other"):
+        table.add_column(column, justify="left" if column in ("server", "request") else "right")
+    for result in results:
+        for name, report in sorted(result.endpoints.items()):
+            statuses = report["statuses"]
+            total = max(1, report["requests"])
+            other = {k: v for k, v in statuses.items() if k not in ("200", "429")}
+            table.add_row(
+                result.setup,
+                name,
+                f"{report['served_per_s']:.1f}",
+                "-" if report["p50_ms"] is None else f"{report['p50_ms']:.0f}",
+                "-" if report["p99_ms"] is None else f"{report['p99_ms']:.0f}",
+                f"{statuses.get('429', 0) / total:.0%}",
+                ", ".join(f"{v}x{'no answer' if k == '0' else k}" for k, v in other.items()) or "-",
+            )
+    return table
+
+
+def _loadtest_lines(result: Any) -> list[str]:
+    mib = 2**20
+    lines = []
+    for pid, warm in result.rss_warm.items():
+        after = result.rss_after.get(pid)
+        change = "" if after is None else f" -> {after / mib:.1f} MiB ({after / warm - 1:+.1%})"
+        lines.append(f"{result.setup}: pid {pid} RSS {warm / mib:.1f} MiB after warm-up{change}")
+    if result.kill:
+        lost = sum(
+            count
+            for report in result.endpoints.values()
+            for status, count in report["statuses"].items()
+            if status == "0" or status.startswith("5")
+        )
+        back = result.kill.get("back_seconds")
+        lines.append(
+            f"{result.setup}: killed replica pid {result.kill['killed_pid']}: {lost} requests "
+            f"lost, replaced after {'-' if back is None else f'{back:.1f} s'}"
+        )
+    lines.append(
+        f"{result.setup}: ready in {result.ready_seconds:.1f} s; SIGTERM stopped it in "
+        f"{result.stop_seconds or float('nan'):.1f} s (exit {result.exit_code})"
+    )
+    return lines
 
 
 # ------------------------------------------------------------------------------------- demo

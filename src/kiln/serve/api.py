@@ -123,14 +123,29 @@ async def models(request: Request) -> dict[str, Any]:
 
 @router.get("/plan")
 async def plan(request: Request, model: str | None = None) -> dict[str, Any]:
-    """Which variant runs each component of each model, on what, and why."""
+    """Which variant runs each component of each model, on what, and why (every replica's)."""
     registry, _ = _state(request)
-    chosen = [model] if model else list(registry.models)
+    if model is not None and model not in registry.models:
+        raise InvalidRequestError(f"model: no model named {model!r}")
+    out: dict[str, Any] = {
+        "models": plan_report(registry, model),
+        "replica": request.app.state.replica,
+    }
+    peers = request.app.state.peers
+    if peers is not None:
+        reports, out["unreachable_replicas"] = await peers.reports()
+        out["replicas"] = [
+            {**r, "models": {k: v for k, v in r["models"].items() if model in (None, k)}}
+            for r in reports
+        ]
+    return out
+
+
+def plan_report(registry: ModelRegistry, model: str | None = None) -> dict[str, Any]:
+    """Per model: loaded or not, and the variant of each component with the reason."""
     out = {}
-    for name in chosen:
-        served = registry.models.get(name)
-        if served is None:
-            raise InvalidRequestError(f"model: no model named {name!r}")
+    for name in [model] if model else list(registry.models):
+        served = registry.models[name]
         if served.deployment is None:
             out[name] = {"loaded": False, "error": served.error}
             continue
@@ -145,7 +160,7 @@ async def plan(request: Request, model: str | None = None) -> dict[str, Any]:
             ],
             "notes": list(deployment_plan.notes),
         }
-    return {"models": out}
+    return out
 
 
 @router.post("/jobs", status_code=202)

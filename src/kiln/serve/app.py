@@ -12,6 +12,8 @@ import asyncio
 import base64
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -25,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from kiln import __version__
 from kiln.errors import KilnError
 from kiln.serve.jobs import Job, JobNotFoundError, JobState, QueueFullError, ShuttingDownError
-from kiln.serve.metrics import ServeMetrics
+from kiln.serve.metrics import ServeMetrics, merge_expositions
 from kiln.serve.models import ModelRegistry, NotReadyError
 from kiln.serve.settings import ServeSettings
 
@@ -56,7 +58,8 @@ class ClientGoneError(Exception):
     """The client disconnected while its job waited or ran; the job was stopped."""
 
 
-def create_app(registry: ModelRegistry, settings: ServeSettings) -> FastAPI:
+def create_app(registry: ModelRegistry, settings: ServeSettings, peers: Any = None) -> FastAPI:
+    """The app; `peers` (a Ray replica's siblings) makes /metrics and /v1/plan answer for all."""
     metrics = ServeMetrics()
     registry.on_job_finished.append(metrics.job_finished)
 
@@ -75,9 +78,14 @@ def create_app(registry: ModelRegistry, settings: ServeSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.registry, app.state.settings, app.state.metrics = registry, settings, metrics
-    app.add_middleware(_Gate, settings=settings, metrics=metrics)
+    app.state.peers = peers
+    app.state.replica = peers.identity() if peers is not None else process_identity()
+    served_by = ":".join(
+        str(app.state.replica[k]) for k in ("host", "pid", "replica") if k in app.state.replica
+    )
+    app.add_middleware(_Gate, settings=settings, metrics=metrics, served_by=served_by)
     _add_error_answers(app)
-    _add_operations(app, registry, metrics)
+    _add_operations(app, registry, metrics, peers)
 
     from kiln.serve import a1111, api, openai
 
@@ -122,6 +130,11 @@ async def run_job(request: Request, job: Job, *, cancelled_ok: bool = False) -> 
     return job
 
 
+def process_identity() -> dict[str, Any]:
+    """Who answers: the host and the process (a Ray replica adds its ids)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
 def owner_of(request: Request) -> str:
     """Who a job belongs to: the client's address and key (and X-Kiln-Client, if sent).
 
@@ -138,10 +151,17 @@ def owner_of(request: Request) -> str:
 
 
 class _Gate:
-    """Request id, API key, body limit, metrics and one log line per request (pure ASGI)."""
+    """Request id, API key, body limit, metrics and one log line per request (pure ASGI).
 
-    def __init__(self, app: Any, settings: ServeSettings, metrics: ServeMetrics) -> None:
+    Every answer names its process (`X-Kiln-Served-By: host:pid[:replica]`), so a client of a
+    Ray deployment sees which replica served it.
+    """
+
+    def __init__(
+        self, app: Any, settings: ServeSettings, metrics: ServeMetrics, served_by: str
+    ) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
+        self.served_by = served_by.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -155,7 +175,9 @@ class _Gate:
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                message.setdefault("headers", []).extend(
+                    [(b"x-request-id", request_id.encode()), (b"x-kiln-served-by", self.served_by)]
+                )
             await send(message)
 
         refusal = self._refusal(scope["path"], headers)
@@ -304,7 +326,9 @@ def _error_body(status: int, message: str) -> dict[str, Any]:
 # -------------------------------------------------------------------------- operations
 
 
-def _add_operations(app: FastAPI, registry: ModelRegistry, metrics: ServeMetrics) -> None:
+def _add_operations(
+    app: FastAPI, registry: ModelRegistry, metrics: ServeMetrics, peers: Any
+) -> None:
     @app.get("/healthz", tags=["operations"], summary="The process is alive.")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -325,7 +349,10 @@ def _add_operations(app: FastAPI, registry: ModelRegistry, metrics: ServeMetrics
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics.")
     async def prometheus() -> Response:
-        return Response(metrics.render(registry), media_type=metrics.content_type)
+        if peers is None:
+            return Response(metrics.render(registry), media_type=metrics.content_type)
+        merged = merge_expositions(await peers.metrics())
+        return Response(merged, media_type=metrics.content_type)
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:

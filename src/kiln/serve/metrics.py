@@ -98,3 +98,31 @@ def _gpu_memory(gauge: Gauge) -> None:
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             gauge.labels(f"cuda:{index}").set(torch.cuda.memory_allocated(index))
+
+
+def merge_expositions(by_replica: dict[str, bytes]) -> bytes:
+    """Several replicas' exposition texts as one, each sample labelled with its `replica`.
+
+    Prometheus scrapes one address; on Ray that address reaches one replica, which gathers
+    the others' metrics (a broadcast) and answers for all of them.
+    """
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    merged: dict[str, Metric] = {}
+    for replica, text in sorted(by_replica.items()):
+        for family in text_string_to_metric_families(text.decode("utf-8")):
+            into = merged.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type)
+            )
+            for sample in family.samples:
+                labels = {**sample.labels, "replica": replica}
+                into.add_sample(sample.name, labels, sample.value, sample.timestamp)
+
+    class _Families:
+        def collect(self) -> Any:
+            return iter(merged.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families())
+    return generate_latest(registry)

@@ -104,8 +104,19 @@ class ModelRegistry:
 
     def start(self) -> None:
         """Load and warm every model in a background thread; queues open as each is ready."""
+        if self._thread is not None:
+            return  # already loading or loaded (`load`)
         self._thread = threading.Thread(target=self._load_all, name="kiln-load", daemon=True)
         self._thread.start()
+
+    def load(self) -> None:
+        """Load and warm every model before returning (a Ray replica takes traffic after)."""
+        self.start()
+        self._thread.join()
+
+    @property
+    def errors(self) -> list[str]:
+        return [m.error for m in self.models.values() if m.error]
 
     def _load_all(self) -> None:
         import kiln
