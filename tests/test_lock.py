@@ -7,6 +7,7 @@ requirements/dev.txt + bootstrap.txt (every version equal, nothing unlocked besi
 
 import os
 import re
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -29,7 +30,10 @@ def _pins(file: str) -> dict[str, str]:
 
 
 def _installed() -> dict[str, str]:
-    return {_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # The environment's own folders, not sys.path: importing ray puts its vendored
+    # packages (ray/thirdparty_files) on sys.path for the rest of the test session.
+    folders = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=folders)}
 
 
 def test_installed_versions_equal_the_lock():

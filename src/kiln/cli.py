@@ -396,7 +396,9 @@ def _png_bytes(image: Any) -> bytes:
 @app.command()
 def caption(
     artifact: Annotated[Path, typer.Argument(help="BLIP artifact folder made by `kiln export`.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files to caption.")],
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files, or one folder (a training set).")
+    ],
     prompt: Annotated[
         str | None, typer.Option(help="Text the caption continues (conditional captioning).")
     ] = None,
@@ -424,29 +426,74 @@ def caption(
         typer.Option("--target-profile", help="Deployment target: a TOML file or a built-in name."),
     ] = None,
     plan_only: Annotated[bool, typer.Option(help="Print the plan and exit.")] = False,
+    recursive: Annotated[bool, typer.Option(help="Folder: include its subfolders.")] = False,
+    sidecar: Annotated[
+        str | None, typer.Option(help="Folder: write IMAGE.SUFFIX beside each image (.txt).")
+    ] = None,
+    jsonl: Annotated[
+        Path | None, typer.Option(help="Folder: write one JSON Lines file (metadata.jsonl).")
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="Folder: text put before every caption.")] = "",
+    overwrite: Annotated[bool, typer.Option(help="Folder: replace existing captions.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Folder: images per call.")] = 8,
 ) -> None:
-    """Caption images with a compiled BLIP artifact (transformers' decoding strategies)."""
-    import kiln
+    """Caption images with a compiled BLIP artifact (transformers' decoding strategies).
 
+    Given one folder, captions every image in it (`--recursive`: and below) for training:
+    a caption file beside each image (`--sidecar .txt`, the default) or `--jsonl FILE`.
+    """
+    import kiln
+    from kiln.errors import InvalidRequestError
+
+    options: dict[str, Any] = {
+        "num_beams": num_beams,
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": min_new_tokens,
+        "do_sample": do_sample or None,
+        "top_p": top_p,
+        "top_k": top_k,
+        "temperature": temperature,
+        "repetition_penalty": repetition_penalty,
+    }
+    folder = images[0] if len(images) == 1 and images[0].is_dir() else None
+    if folder is None and any(p.is_dir() for p in images):
+        raise InvalidRequestError("pass image files, or one folder alone")
+    if folder is None and (recursive or sidecar or jsonl or prefix or overwrite):
+        raise InvalidRequestError(
+            "--recursive, --sidecar, --jsonl, --prefix and --overwrite are for a folder"
+        )
+    if folder is not None:
+        from kiln.artifacts import check_output_file
+        from kiln.pipelines.dataset_captions import DatasetOutput, check_folder
+
+        output = DatasetOutput(
+            sidecar=".txt" if sidecar is None and jsonl is None else sidecar,
+            jsonl=jsonl,
+            prefix=prefix,
+            overwrite=overwrite,
+        )
+        if jsonl is not None:
+            check_output_file(jsonl, "--jsonl")
+        check_folder(folder, output, recursive)  # refusals come before the model loads
     deployment = kiln.load(
         artifact, prefer=prefer or (), require=require or (), target_profile=target_profile
     )
     if plan_only:
         console.print(_plan_table(deployment.plan))
         return
+    if folder is not None:
+        _caption_folder(
+            deployment,
+            folder,
+            output,
+            recursive=recursive,
+            batch_size=batch_size,
+            as_json=as_json,
+            caption_options={"prompt": prompt, "seed": seed, **options},
+        )
+        return
     result = deployment.caption(
-        list(images),
-        prompt=prompt,
-        seed=seed,
-        num_captions=num_captions,
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        do_sample=do_sample or None,
-        top_p=top_p,
-        top_k=top_k,
-        temperature=temperature,
-        repetition_penalty=repetition_penalty,
+        list(images), prompt=prompt, seed=seed, num_captions=num_captions, **options
     )
     if as_json:
         data = result.to_dict()
@@ -457,6 +504,117 @@ def caption(
         for text in captions:
             console.print(f"{path}: {text}", highlight=False, markup=False)
     err_console.print(f"{len(images)} image(s) in {result.seconds:.2f} s", highlight=False)
+
+
+def _caption_folder(
+    deployment: Any,
+    folder: Path,
+    output: Any,
+    *,
+    recursive: bool,
+    batch_size: int,
+    as_json: bool,
+    caption_options: dict[str, Any],
+) -> None:
+    from kiln.pipelines.dataset_captions import caption_folder
+
+    def caption(pictures: list[Any]) -> list[str]:
+        return [c[0] for c in deployment.caption(pictures, **caption_options).captions]
+
+    with progress_bar() as progress:
+        task = progress.add_task("captioning", total=None)
+        report = caption_folder(
+            caption,
+            folder,
+            output,
+            recursive=recursive,
+            batch_size=batch_size,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    if as_json:
+        print(json.dumps(report.to_dict(folder), indent=2))
+    for path, reason in report.unreadable:
+        err_console.print(
+            f"warning: skipped {path}: {reason}", highlight=False, markup=False, soft_wrap=True
+        )
+    rate = f" ({len(report.captioned) / report.seconds:.1f} images/s)" if report.seconds else ""
+    where = str(output.jsonl) if output.jsonl else f"*{output.sidecar} beside each image"
+    err_console.print(
+        f"{len(report.captioned)} captioned{rate}, {len(report.kept)} kept (captioned before), "
+        f"{len(report.unreadable)} unreadable -> {where}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def grid(
+    artifact: Annotated[Path, typer.Argument(help="Stable Diffusion artifact folder.")],
+    prompt: Annotated[
+        list[str], typer.Option(help="Prompt (repeat it: the prompts become an axis).")
+    ],
+    vary: Annotated[
+        list[str] | None,
+        typer.Option(help="OPTION=V1,V2,... (up to three; variant=onnx:fp32,openvino:int8)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the grid.")] = Path("grid"),
+    steps: Annotated[int, typer.Option(help="Denoising steps (when not an axis).")] = 25,
+    guidance: Annotated[float, typer.Option(help="Guidance scale (when not an axis).")] = 7.5,
+    scheduler: Annotated[str | None, typer.Option(help="Scheduler (when not an axis).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every cell (random if unset).")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width.")] = None,
+    height: Annotated[int | None, typer.Option(help="Image height.")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
+) -> None:
+    """Sweep up to three generate() options at one seed into one labelled grid image."""
+    import random
+
+    import kiln
+    from kiln.artifacts import check_output_folder, read_manifest
+    from kiln.pipelines.grid import Axis, parse_axis, plan_cells, run_grid
+
+    read_manifest(artifact)
+    axes = [parse_axis(text) for text in vary or ()]
+    if len(prompt) > 1:
+        axes.insert(0, Axis("prompt", tuple(prompt)))
+    fixed: dict[str, Any] = {
+        "prompt": prompt[0],
+        "steps": steps,
+        "guidance_scale": guidance,
+        "seed": seed if seed is not None else random.randrange(2**31),
+    }
+    for name, value in (
+        ("scheduler", scheduler),
+        ("width", width),
+        ("height", height),
+        ("negative_prompt", negative_prompt),
+    ):
+        if value is not None:
+            fixed[name] = value
+    total = len(plan_cells(axes, fixed))  # refuses a bad grid before anything loads
+    check_output_folder(out)
+
+    def load(variant: str | None) -> Any:
+        return kiln.load(artifact, require=[variant] if variant else ())
+
+    with progress_bar() as progress:
+        task = progress.add_task("grid cells", total=total)
+        result = run_grid(
+            load, axes, fixed, out, on_cell=lambda done, n: progress.update(task, completed=done)
+        )
+    for cell in result.cells:
+        shown = ""
+        if cell.get("identical_to_first_variant"):
+            shown = "  identical to the first variant"
+        elif "psnr_vs_first_variant" in cell:
+            score = cell["psnr_vs_first_variant"]
+            shown = "  PSNR -" if score is None else f"  PSNR {score:.1f} dB vs first variant"
+        params = ", ".join(f"{k}={cell['params'][k]}" for k in (a.name for a in axes))
+        console.print(f"{cell['file']}: {params}{shown}", highlight=False, markup=False)
+    console.print(
+        f"{len(result.cells)} cells, seed {fixed['seed']} -> {result.grid_path}", highlight=False
+    )
 
 
 # ---------------------------------------------------------------------------------- inspect

@@ -228,7 +228,7 @@ def plot_latency_vs_size(report: dict[str, Any], path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_components(report: dict[str, Any], path: Path) -> Path:
@@ -303,10 +303,11 @@ def _stacked_bars(
     if labels:
         ax.legend(fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
-def _save(fig: Any, plt: Any, path: Path) -> Path:
+def save_figure(fig: Any, plt: Any, path: Path) -> Path:
+    """The figure as a PNG, written atomically (and closed)."""
     import io
 
     fig.tight_layout()

@@ -266,14 +266,12 @@ def _free_port() -> int:
 
 def plot_results(results: Sequence[LoadResult], path: Path) -> Path:
     """Served requests/s and p99 latency per server setup and request kind, side by side."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kiln.artifacts import atomic_write_bytes
+    from kiln.bench.report import save_figure
 
     kinds = sorted({name for r in results for name in r.endpoints})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
@@ -289,9 +287,4 @@ def plot_results(results: Sequence[LoadResult], path: Path) -> Path:
         ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return save_figure(fig, plt, path)
