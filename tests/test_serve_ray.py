@@ -227,6 +227,8 @@ def test_loadtest_command_prints_the_figures_and_writes_them(artifacts, served_b
     assert all(e["statuses"].get("200", 0) > 0 for e in run["endpoints"].values())
 
 
-def test_loadtest_refuses_an_unknown_server_setup(artifacts):
+def test_loadtest_refuses_an_unknown_server_setup_or_mix(artifacts):
     result = run_kiln("loadtest", artifacts["sd1"], "--server", "ray")
     assert_user_error(result, "expected single or ray:N")
+    result = run_kiln("loadtest", artifacts["sd1"], "--mix", "txt2img=2,images=1")
+    assert_user_error(result, "--mix 'images=1': expected NAME=WEIGHT")

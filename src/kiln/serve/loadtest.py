@@ -29,6 +29,8 @@ from typing import Any
 
 from kiln.errors import BackendUnavailableError, InvalidRequestError, KilnError
 
+REQUEST_KINDS = ("txt2img", "caption", "openai")  # the locustfile's tasks
+
 
 @dataclass(frozen=True)
 class ServerSetup:
@@ -62,6 +64,19 @@ class LoadOptions:
     timeout: float = 60.0
     kill_after: float | None = None  # Ray setups with 2+ replicas: kill one this far in
     serve_options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """The mix as the locustfile reads it, refused here before any server starts."""
+        weights = {}
+        for part in filter(None, (p.strip() for p in self.mix.split(","))):
+            name, _, weight = part.partition("=")
+            if name not in REQUEST_KINDS or not weight.isdigit():
+                raise InvalidRequestError(
+                    f"--mix {part!r}: expected NAME=WEIGHT, NAME one of {', '.join(REQUEST_KINDS)}"
+                )
+            weights[name] = int(weight)
+        if weights and not any(weights.values()) and len(weights) == len(REQUEST_KINDS):
+            raise InvalidRequestError("--mix: every weight is 0; nothing would be sent")
 
 
 @dataclass
