@@ -70,6 +70,14 @@ def test_a_one_axis_grid_without_variants_has_no_scores(artifacts, tmp_path):
     assert grid.width >= 2 * 64 and grid.height > 64
 
 
+def test_a_variant_the_artifact_lacks_is_refused_before_anything_is_written(artifacts, tmp_path):
+    out = tmp_path / "g"
+    flags = ("--vary", "variant=onnx:fp32,openvino:int8", "--width", 64, "--height", 64)
+    result = run_kiln("grid", artifacts["sd1"], "--prompt", "p", *flags, "-o", out)
+    assert_user_error(result, "openvino")
+    assert not out.exists()
+
+
 def test_axes_parse_as_the_option_takes_them():
     assert parse_axis("steps=4,8,16") == Axis("steps", (4, 8, 16))
     assert parse_axis("guidance=3,7.5") == Axis("guidance_scale", (3.0, 7.5))

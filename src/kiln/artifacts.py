@@ -346,6 +346,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_png(path: Path, image: Any) -> Path:
+    """A PIL image as a PNG file, written atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
 class StagingFolder:
     """A temporary folder beside `final` that replaces it only on `commit()`.
 

@@ -368,7 +368,7 @@ def generate(
 
 
 def _save_images(images: list[Any], output: Path) -> list[Path]:
-    from kiln.artifacts import atomic_write_bytes
+    from kiln.artifacts import atomic_write_png
 
     paths = []
     for index, image in enumerate(images):
@@ -377,17 +377,9 @@ def _save_images(images: list[Any], output: Path) -> list[Path]:
             if index == 0
             else output.with_name(f"{output.stem}-{index}{output.suffix or '.png'}")
         )
-        atomic_write_bytes(path, _png_bytes(image))
+        atomic_write_png(path, image)
         paths.append(path)
     return paths
-
-
-def _png_bytes(image: Any) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------- caption

@@ -130,22 +130,18 @@ def _caption_step(
 
 def _save_captioned(path: Path, image: Any, caption: str) -> Path:
     """The image with its caption underneath, as a person would want to check it."""
-    import io
     import textwrap
 
     from PIL import Image, ImageDraw
 
-    from kiln.artifacts import atomic_write_bytes
+    from kiln.artifacts import atomic_write_png
 
     shown = image.resize((256, 256 * image.height // image.width), Image.NEAREST)
     lines = textwrap.wrap(f"BLIP (random weights): {caption}", width=40) or [""]
     sheet = Image.new("RGB", (shown.width + 20, shown.height + 20 + 14 * len(lines)), "white")
     sheet.paste(shown, (10, 10))
     ImageDraw.Draw(sheet).multiline_text((10, shown.height + 14), "\n".join(lines), fill="black")
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return atomic_write_png(path, sheet)
 
 
 def _claim_folder(out: Path) -> None:
@@ -186,7 +182,7 @@ def _diffusers_image(
 def _save_pictures(out: Path, ours: Any, reference: Any) -> dict[str, Path]:
     from PIL import Image, ImageDraw
 
-    from kiln.artifacts import atomic_write_bytes
+    from kiln.artifacts import atomic_write_png
 
     scale = max(1, 256 // ours.width)
     big = [
@@ -206,11 +202,7 @@ def _save_pictures(out: Path, ours: Any, reference: Any) -> dict[str, Path]:
         "side by side": out / "side_by_side.png",
     }
     for image, path in zip((ours, reference, sheet), paths.values(), strict=True):
-        import io
-
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_png(path, image)
     return paths
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import atomic_write_bytes, atomic_write_text
+from kiln.artifacts import atomic_write_png, atomic_write_text
 from kiln.errors import InvalidRequestError
 
 MAX_AXES = 3
@@ -122,12 +122,11 @@ def run_grid(
 ) -> GridResult:
     """Generate every cell (one deployment per variant, loaded once), save, compose, label."""
     cells = plan_cells(axes, fixed)
-    deployments: dict[str | None, Any] = {}
+    # Every variant loads before anything is written: a wrong one leaves no folder behind.
+    deployments = {variant: load(variant) for variant in dict.fromkeys(c.variant for c in cells)}
     images, records = [], []
     (out / "cells").mkdir(parents=True, exist_ok=True)
     for done, cell in enumerate(cells, start=1):
-        if cell.variant not in deployments:
-            deployments[cell.variant] = load(cell.variant)
         result = deployments[cell.variant].generate(**cell.generate_params())
         image = result.images[0]
         images.append(image)
@@ -139,7 +138,7 @@ def run_grid(
             "seconds": round(result.seconds, 3),
             "file": f"cells/{cell.index:03d}.png",
         }
-        atomic_write_bytes(out / record["file"], _png(image))
+        atomic_write_png(out / record["file"], image)
         atomic_write_text(out / f"cells/{cell.index:03d}.json", json.dumps(record, indent=2))
         records.append(record)
         if on_cell is not None:
@@ -149,7 +148,7 @@ def run_grid(
     for record, box in zip(records, boxes, strict=True):
         record["box"] = box
     grid_path = out / "grid.png"
-    atomic_write_bytes(grid_path, _png(grid))
+    atomic_write_png(grid_path, grid)
     summary = {
         "axes": [{"name": a.name, "values": list(a.values)} for a in axes],
         "fixed": fixed,
@@ -266,11 +265,3 @@ def _wrap(text: str, width: int, font: Any, draw: Any, lines: int = 2) -> list[s
             last = last[:-1]
         out[-1] = last + "…"
     return out
-
-
-def _png(image: Any) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
