@@ -34,6 +34,9 @@ if importlib.util.find_spec("locust") is None:
 
 TXT2IMG = {"prompt": "a red cube", "steps": 4, "width": 64, "height": 64, "seed": 7}
 GRACE = 20
+# A Ray cluster with two warm replicas takes minutes on 2 cores: CI runs these after the
+# default suite (`pytest -m slow`), which stays under its time budget without them.
+SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +52,22 @@ def ray_server(artifacts, served_blip):
         str(GRACE),
         ready_timeout=300,
     )
+    _wait_for_replicas(running, 2)
     running.tree = psutil.Process(running.process.pid).children(recursive=True)
     yield running
     running.stop()
+
+
+def _wait_for_replicas(server, count, timeout=180):
+    """/readyz answers once one replica is up; the others may still be loading their models."""
+    deadline = time.monotonic() + timeout
+    pids = set()
+    while time.monotonic() < deadline:
+        pids = {r["replica"]["pid"] for r in _replicas(server)}
+        if len(pids) == count:
+            return
+        time.sleep(1)
+    raise AssertionError(f"{count} replicas not all up in {timeout} s: {pids}")
 
 
 def _replicas(server):
@@ -63,6 +79,7 @@ def _image(answer):
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))))
 
 
+@SLOW
 def test_both_replicas_answer_and_plan_for_their_node(ray_server):
     replicas = _replicas(ray_server)
     assert len({r["replica"]["pid"] for r in replicas}) == 2
@@ -81,6 +98,7 @@ def test_both_replicas_answer_and_plan_for_their_node(ray_server):
     assert len(served_by) == 2, served_by
 
 
+@SLOW
 def test_ray_and_single_process_servers_give_the_same_image(ray_server, artifacts):
     with ray_server.client() as client:
         from_ray = _image(client.post("/sdapi/v1/txt2img", json=TXT2IMG))
@@ -93,6 +111,7 @@ def test_ray_and_single_process_servers_give_the_same_image(ray_server, artifact
     assert np.array_equal(from_ray, from_single)
 
 
+@SLOW
 def test_metrics_answer_for_every_replica(ray_server):
     with ray_server.client() as client:
         text = client.get("/metrics").text
@@ -100,6 +119,7 @@ def test_metrics_answer_for_every_replica(ray_server):
     assert len(replicas) == 2, text[:500]
 
 
+@SLOW
 def test_a_bounded_locust_run_ends_in_success_or_429_and_memory_holds(ray_server):
     options = LoadOptions(users=6, mix="txt2img=2,caption=2,openai=1", timeout=60)
     pids = [r["replica"]["pid"] for r in _replicas(ray_server)]
@@ -117,6 +137,7 @@ def test_a_bounded_locust_run_ends_in_success_or_429_and_memory_holds(ray_server
         assert after <= warm[pid] * 1.10, (pid, warm[pid], after)
 
 
+@SLOW
 def test_a_killed_replica_loses_only_its_requests_and_comes_back(ray_server):
     before = [r["replica"]["pid"] for r in _replicas(ray_server)]
     slow = {**TXT2IMG, "steps": 60}
@@ -170,6 +191,7 @@ def _ray_errors(server, timeout=60):
     return count
 
 
+@SLOW
 def test_sigterm_stops_the_ray_server_in_its_grace_period_and_leaves_no_ray_process(
     ray_server,
 ):
@@ -211,6 +233,7 @@ def test_ray_flags_refused_in_one_line(artifacts, flags, message):
     assert_user_error(run_kiln("serve", artifacts["sd1"], *flags), message)
 
 
+@SLOW
 def test_loadtest_command_prints_the_figures_and_writes_them(artifacts, served_blip, tmp_path):
     out = tmp_path / "load.json"
     result = run_kiln(
