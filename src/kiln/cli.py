@@ -166,6 +166,13 @@ def export(
         bool,
         typer.Option(help="Try onnxruntime graph fusions; keep them only where measurably faster."),
     ] = False,
+    with_attentions: Annotated[
+        bool,
+        typer.Option(
+            help="BLIP: also export the decoder that outputs cross-attention weights "
+            "(caption --attention-map)."
+        ),
+    ] = False,
     precision: Annotated[
         list[str] | None,
         typer.Option(
@@ -188,6 +195,7 @@ def export(
             exporter=exporter,
             allow_parity_failure=allow_parity_failure,
             optimize=optimize,
+            with_attentions=with_attentions,
             progress=report,
         )
     console.print(
@@ -428,6 +436,13 @@ def caption(
     prefix: Annotated[str, typer.Option(help="Folder: text put before every caption.")] = "",
     overwrite: Annotated[bool, typer.Option(help="Folder: replace existing captions.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Folder: images per call.")] = 8,
+    attention_map: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the image with a heat map per word (PNG; several images: NAME-1.png, "
+            "...). Needs an artifact exported --with-attentions."
+        ),
+    ] = None,
 ) -> None:
     """Caption images with a compiled BLIP artifact (transformers' decoding strategies).
 
@@ -454,6 +469,12 @@ def caption(
         raise InvalidRequestError(
             "--recursive, --sidecar, --jsonl, --prefix and --overwrite are for a folder"
         )
+    if attention_map is not None:
+        from kiln.artifacts import check_output_file
+
+        if folder is not None:
+            raise InvalidRequestError("--attention-map is for image files, not a folder")
+        check_output_file(attention_map, "--attention-map")
     if folder is not None:
         from kiln.artifacts import check_output_file
         from kiln.pipelines.dataset_captions import DatasetOutput, check_folder
@@ -485,16 +506,31 @@ def caption(
         )
         return
     result = deployment.caption(
-        list(images), prompt=prompt, seed=seed, num_captions=num_captions, **options
+        list(images),
+        prompt=prompt,
+        seed=seed,
+        num_captions=num_captions,
+        attentions=attention_map is not None,
+        **options,
     )
+    maps = []
+    if attention_map is not None:
+        from kiln.pipelines.attention_maps import write_attention_maps
+        from kiln.pipelines.captioning import open_images
+
+        maps = write_attention_maps(attention_map, open_images(list(images)), result)
     if as_json:
         data = result.to_dict()
         data["images"] = [str(p) for p in images]
+        if maps:
+            data["attention_maps"] = [str(p) for p in maps]
         print(json.dumps(data, indent=2))
         return
     for path, captions in zip(images, result.captions, strict=True):
         for text in captions:
             console.print(f"{path}: {text}", highlight=False, markup=False)
+    for written in maps:
+        console.print(f"attention map: {written}", highlight=False, markup=False)
     err_console.print(f"{len(images)} image(s) in {result.seconds:.2f} s", highlight=False)
 
 

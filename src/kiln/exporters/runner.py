@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kiln import __version__
@@ -79,9 +79,14 @@ def export(
     check_parity: bool = True,
     allow_parity_failure: bool = False,
     optimize: bool = False,
+    with_attentions: bool = False,
     progress: ProgressCallback | None = None,
 ) -> Manifest:
     """Export `source` into the artifact folder `out` and return its manifest.
+
+    Optional components (the BLIP decoder that outputs cross-attention weights) are
+    exported when named in `components` or, with the default components, by
+    `with_attentions=True`.
 
     `optimize=True` tries onnxruntime's graph fusions per component and keeps them only
     where they are measurably faster (the decision is recorded in the variant's options).
@@ -95,11 +100,16 @@ def export(
     out = check_output_folder(out, "export folder")
     model = load_source(source, config=config)
     specs = model.specs()
-    chosen = list(components or specs)
+    chosen = list(components or (n for n, s in specs.items() if with_attentions or not s.optional))
     missing = [c for c in chosen if c not in specs]
     if missing:
         raise ExportError(
             f"{model.source.id} has no component {missing[0]!r}; it has {', '.join(specs)}"
+        )
+    if with_attentions and not any(specs[c].optional for c in chosen):
+        raise ExportError(
+            f"{model.source.id} has no decoder with attention outputs; --with-attentions is "
+            "for BLIP captioning models"
         )
     manifest = _open_manifest(out, model, specs)
     report = progress or (lambda event: None)
@@ -126,7 +136,9 @@ def _open_manifest(out: Path, model: LoadedModel, specs: dict[str, ComponentSpec
                 f"{out} already holds an artifact of {existing.source.get('id')}; "
                 "export a different model into another folder"
             )
-        return existing
+        # An artifact made before a component existed (the attention decoder) gains its spec.
+        added = {n: s.to_dict() for n, s in specs.items() if n not in existing.components}
+        return replace(existing, components={**existing.components, **added})
     out.mkdir(parents=True, exist_ok=True)
     with staging_folder(out / SUPPORT_DIR) as staging:
         model.save_support_files(staging)

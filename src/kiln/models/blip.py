@@ -10,9 +10,11 @@ Components:
   every layer's self-attention key/values so far and the cross-attention key/values;
   outputs are the logits of the new tokens and the self-attention key/values including
   them. One graph serves the first step (past length 0) and every later step (one token).
+- `vision_encoder` of a retrieval model also gives the normalized ITC image features.
 - `text_matching` (retrieval): the ITM head (text encoder with cross-attention to the
-  image -> 2 logits) and both ITC projections (normalized image and text features), on
-  paired rows; `Deployment.match()` pairs one image with every text.
+  image -> 2 logits) on paired rows; `match()` pairs one image with every text.
+- `text_features` (retrieval): the text encoder alone and the ITC text projection,
+  normalized; with the image features it gives `match()`'s similarities and `embed()`.
 
 Runtime side: `kiln.runtimes.captioning_adapters` turns the decoder session back into a
 `GenerationMixin` model, so transformers' own `generate()` does greedy, beam search and
@@ -40,6 +42,8 @@ VISION_ENCODER = "vision_encoder"
 TEXT_DECODER = "text_decoder"
 CROSS_ATTENTION = "cross_attention_kv"
 TEXT_MATCHING = "text_matching"
+TEXT_FEATURES = "text_features"
+TEXT_DECODER_ATTENTIONS = "text_decoder_attentions"
 
 CAPTIONING = "BlipForConditionalGeneration"
 RETRIEVAL = "BlipForImageTextRetrieval"
@@ -70,6 +74,7 @@ class BlipModelInfo:
     bos_token_id: int
     sep_token_id: int
     pad_token_id: int
+    projection_dim: int = 0  # ITC feature size (retrieval models)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +106,7 @@ def describe(model: Any) -> BlipModelInfo:
         bos_token_id=text.bos_token_id,
         sep_token_id=text.sep_token_id,
         pad_token_id=text.pad_token_id,
+        projection_dim=model.text_proj.out_features if name == RETRIEVAL else 0,
     )
 
 
@@ -116,18 +122,31 @@ def cross_names(num_layers: int) -> list[tuple[str, str]]:
     return [(f"cross_key_{i}", f"cross_value_{i}") for i in range(num_layers)]
 
 
+def attention_names(num_layers: int) -> list[str]:
+    return [f"cross_attention_{i}" for i in range(num_layers)]
+
+
 def component_specs(model: Any, info: BlipModelInfo) -> dict[str, ComponentSpec]:
     specs = {VISION_ENCODER: _vision_spec(info)}
     if info.architecture == CAPTIONING:
         specs[CROSS_ATTENTION] = _cross_attention_spec(model, info)
         specs[TEXT_DECODER] = _decoder_spec(model, info)
+        specs[TEXT_DECODER_ATTENTIONS] = _decoder_attentions_spec(model, info)
     else:
         specs[TEXT_MATCHING] = _matching_spec(model, info)
+        specs[TEXT_FEATURES] = _text_features_spec(info)
     return specs
 
 
 def _vision_spec(info: BlipModelInfo) -> ComponentSpec:
     size = info.image_size
+    outputs = [
+        TensorSpec(
+            "image_embeds", DType.FLOAT32, ("batch", info.image_tokens, info.vision_hidden_size)
+        )
+    ]
+    if info.architecture == RETRIEVAL:
+        outputs.append(TensorSpec("image_features", DType.FLOAT32, ("batch", info.projection_dim)))
     return ComponentSpec(
         name=VISION_ENCODER,
         family=FAMILY,
@@ -138,12 +157,9 @@ def _vision_spec(info: BlipModelInfo) -> ComponentSpec:
                 (Dim("batch", 1, 1, MAX_IMAGES), 3, size, size),
             ),
         ),
-        outputs=(
-            TensorSpec(
-                "image_embeds", DType.FLOAT32, ("batch", info.image_tokens, info.vision_hidden_size)
-            ),
-        ),
-        description="BlipVisionModel (last hidden state, post-layernorm)",
+        outputs=tuple(outputs),
+        description="BlipVisionModel (last hidden state, post-layernorm)"
+        + (" and the normalized ITC image projection" if info.architecture == RETRIEVAL else ""),
     )
 
 
@@ -207,27 +223,66 @@ def _decoder_spec(model: Any, info: BlipModelInfo) -> ComponentSpec:
     )
 
 
+def _decoder_attentions_spec(model: Any, info: BlipModelInfo) -> ComponentSpec:
+    text = model.config.text_config
+    batch = Dim("batch", 1, 1, MAX_DECODER_BATCH)
+    sequence = Dim("sequence", 1, 8, info.max_positions)
+    shape = ("batch", info.num_heads, "sequence", info.image_tokens)
+    return ComponentSpec(
+        name=TEXT_DECODER_ATTENTIONS,
+        family=FAMILY,
+        inputs=(
+            TensorSpec("input_ids", DType.INT64, (batch, sequence), (0, info.vocab_size)),
+            TensorSpec("position_ids", DType.INT64, (batch, sequence), (0, info.max_positions)),
+            TensorSpec("attention_mask", DType.INT64, (batch, sequence), (1, 2)),
+            TensorSpec(
+                "encoder_hidden_states",
+                DType.FLOAT32,
+                (batch, info.image_tokens, text.encoder_hidden_size),
+            ),
+        ),
+        outputs=tuple(
+            TensorSpec(n, DType.FLOAT32, shape) for n in attention_names(info.num_layers)
+        ),
+        description="BlipTextLMHeadModel over whole captions: every layer's cross-attention "
+        "weights over the image tokens",
+        optional=True,
+    )
+
+
+def text_inputs(info: Any, batch: Dim) -> tuple[TensorSpec, TensorSpec]:
+    """Token ids and their mask, as the retrieval text components of BLIP and BLIP-2 take them."""
+    sequence = Dim("sequence", 1, 8, info.max_positions)
+    return (
+        TensorSpec("input_ids", DType.INT64, (batch, sequence), (0, info.vocab_size)),
+        TensorSpec("attention_mask", DType.INT64, (batch, sequence), (1, 2)),
+    )
+
+
 def _matching_spec(model: Any, info: BlipModelInfo) -> ComponentSpec:
     text = model.config.text_config
     batch = Dim("batch", 1, 1, MAX_TEXTS)
-    sequence = Dim("sequence", 1, 8, info.max_positions)
-    projection = model.text_proj.out_features
     return ComponentSpec(
         name=TEXT_MATCHING,
         family=FAMILY,
         inputs=(
-            TensorSpec("input_ids", DType.INT64, (batch, sequence), (0, info.vocab_size)),
-            TensorSpec("attention_mask", DType.INT64, (batch, sequence), (1, 2)),
+            *text_inputs(info, batch),
             TensorSpec(
                 "image_embeds", DType.FLOAT32, (batch, info.image_tokens, text.encoder_hidden_size)
             ),
         ),
-        outputs=(
-            TensorSpec("itm_logits", DType.FLOAT32, ("batch", 2)),
-            TensorSpec("image_features", DType.FLOAT32, ("batch", projection)),
-            TensorSpec("text_features", DType.FLOAT32, ("batch", projection)),
-        ),
-        description="BLIP ITM head (text encoder with image cross-attention) and ITC projections",
+        outputs=(TensorSpec("itm_logits", DType.FLOAT32, ("batch", 2)),),
+        description="BLIP ITM head (text encoder with image cross-attention)",
+    )
+
+
+def _text_features_spec(info: BlipModelInfo) -> ComponentSpec:
+    return ComponentSpec(
+        name=TEXT_FEATURES,
+        family=FAMILY,
+        inputs=text_inputs(info, Dim("batch", 1, 1, MAX_TEXTS)),
+        outputs=(TensorSpec("text_features", DType.FLOAT32, ("batch", info.projection_dim)),),
+        description="BLIP text encoder and the normalized ITC text projection",
     )
 
 
@@ -314,6 +369,23 @@ def export_module(model: Any, component: str, info: BlipModelInfo) -> torch.nn.M
                 presents += [layer.keys, layer.values]
             return (out.logits, *presents)
 
+    class DecoderAttentions(torch.nn.Module):
+        def __init__(self, decoder: torch.nn.Module) -> None:
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, input_ids, position_ids, attention_mask, encoder_hidden_states):
+            out = self.decoder(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                use_cache=False,
+                output_attentions=True,
+                return_dict=True,
+            )
+            return tuple(out.cross_attentions)
+
     class CrossAttention(torch.nn.Module):
         def __init__(self, decoder: torch.nn.Module) -> None:
             super().__init__()
@@ -346,37 +418,58 @@ def export_module(model: Any, component: str, info: BlipModelInfo) -> torch.nn.M
     )
     Decoder.forward = namespace["forward"]
 
+    class RetrievalVision(torch.nn.Module):
+        def __init__(self, retrieval: torch.nn.Module) -> None:
+            super().__init__()
+            self.retrieval = retrieval
+
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            from torch.nn.functional import normalize
+
+            embeds = self.retrieval.vision_model(pixel_values=pixel_values).last_hidden_state
+            return embeds, normalize(self.retrieval.vision_proj(embeds[:, 0, :]), dim=-1)
+
     class Matching(torch.nn.Module):
         def __init__(self, retrieval: torch.nn.Module) -> None:
             super().__init__()
             self.retrieval = retrieval
 
         def forward(self, input_ids, attention_mask, image_embeds):
-            from torch.nn.functional import normalize
-
-            model = self.retrieval
-            itm = model.text_encoder(
+            itm = self.retrieval.text_encoder(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 encoder_hidden_states=image_embeds,
             ).last_hidden_state
-            itc = model.text_encoder(
+            return self.retrieval.itm_head(itm[:, 0, :])
+
+    class TextFeatures(torch.nn.Module):
+        def __init__(self, retrieval: torch.nn.Module) -> None:
+            super().__init__()
+            self.retrieval = retrieval
+
+        def forward(self, input_ids, attention_mask):
+            from torch.nn.functional import normalize
+
+            itc = self.retrieval.text_encoder(
                 input_ids=input_ids, attention_mask=attention_mask
             ).last_hidden_state
-            return (
-                model.itm_head(itm[:, 0, :]),
-                normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1),
-                normalize(model.text_proj(itc[:, 0, :]), dim=-1),
-            )
+            return normalize(self.retrieval.text_proj(itc[:, 0, :]), dim=-1)
 
+    retrieval = info.architecture == RETRIEVAL
     if component == VISION_ENCODER:
-        wrapper: torch.nn.Module = Vision(model.vision_model)
+        wrapper: torch.nn.Module = (
+            RetrievalVision(model) if retrieval else Vision(model.vision_model)
+        )
     elif component == TEXT_DECODER and info.architecture == CAPTIONING:
         wrapper = Decoder(model.text_decoder)
+    elif component == TEXT_DECODER_ATTENTIONS and info.architecture == CAPTIONING:
+        wrapper = DecoderAttentions(model.text_decoder)
     elif component == CROSS_ATTENTION and info.architecture == CAPTIONING:
         wrapper = CrossAttention(model.text_decoder)
-    elif component == TEXT_MATCHING and info.architecture == RETRIEVAL:
+    elif component == TEXT_MATCHING and retrieval:
         wrapper = Matching(model)
+    elif component == TEXT_FEATURES and retrieval:
+        wrapper = TextFeatures(model)
     else:
         raise UnsupportedModelError(f"{info.architecture} has no component {component!r}")
     # torch.onnx.export restores the wrapper's train flag onto the wrapped model: keep eval.

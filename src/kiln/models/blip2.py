@@ -73,7 +73,10 @@ class Blip2ModelInfo:
 def describe(model: Any) -> Blip2ModelInfo:
     name = type(model).__name__
     if name not in ARCHITECTURES:
-        raise UnsupportedModelError(f"{name} is not supported; kiln compiles {ARCHITECTURES[0]}")
+        raise UnsupportedModelError(
+            f"{name} is not supported; kiln compiles {ARCHITECTURES[0]} and "
+            "Blip2ForImageTextRetrieval"
+        )
     text = model.config.text_config
     if text.model_type != "opt":
         raise UnsupportedModelError(

@@ -33,8 +33,42 @@ UNUSED_PREFIXES: Mapping[str, Mapping[str, tuple[str, ...]]] = {
         "vae_encoder": ("vae.decoder.", "vae.post_quant_conv."),
         "vae_decoder": ("vae.encoder.", "vae.quant_conv."),
     },
-    "blip": {"text_matching": ("retrieval.vision_model.",)},
-    "blip2": {"vision_qformer": ("blip2.language_model.",)},
+    "blip": {
+        "vision_encoder": (
+            "retrieval.text_encoder.",
+            "retrieval.text_proj.",
+            "retrieval.itm_head.",
+        ),
+        "text_matching": (
+            "retrieval.vision_model.",
+            "retrieval.vision_proj.",
+            "retrieval.text_proj.",
+        ),
+        "text_features": (
+            "retrieval.vision_model.",
+            "retrieval.vision_proj.",
+            "retrieval.itm_head.",
+        ),
+    },
+    "blip2": {
+        "vision_qformer": ("blip2.language_model.",),
+        "vision_encoder": (
+            "retrieval.embeddings.",
+            "retrieval.text_projection.",
+            "retrieval.itm_head.",
+        ),
+        "text_matching": (
+            "retrieval.vision_model.",
+            "retrieval.vision_projection.",
+            "retrieval.text_projection.",
+        ),
+        "text_features": (
+            "retrieval.vision_model.",
+            "retrieval.vision_projection.",
+            "retrieval.itm_head.",
+            "retrieval.query_tokens",
+        ),
+    },
 }
 
 # Library loggers that print import-time notes (optional CPU kernels that did not load,
@@ -162,9 +196,13 @@ def _blip(support: Path, model_info: Mapping[str, Any], component: str) -> torch
 def _blip2(support: Path, model_info: Mapping[str, Any], component: str) -> torch.nn.Module:
     import transformers
 
-    from kiln.models import blip2
+    from kiln.models import blip2, blip2_retrieval
 
-    info = blip2.Blip2ModelInfo.from_dict(model_info)
     config = transformers.Blip2Config.from_pretrained(support)
+    if model_info["architecture"] == blip2_retrieval.ARCHITECTURE:
+        retrieval = blip2_retrieval.Blip2RetrievalInfo.from_dict(model_info)
+        model = transformers.Blip2ForImageTextRetrieval(config)
+        return blip2_retrieval.export_module(model, component, retrieval)
+    info = blip2.Blip2ModelInfo.from_dict(model_info)
     model = getattr(transformers, info.architecture)(config)
     return blip2.export_module(model, component, info)

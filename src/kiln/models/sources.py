@@ -121,6 +121,10 @@ def _load_folder(path: Path, info: SourceInfo) -> LoadedModel:
             from kiln.models.blip import BlipModel
 
             return BlipModel.from_folder(path, info, architectures[0])
+        if architectures[0] == "Blip2ForImageTextRetrieval":
+            from kiln.models.blip2_retrieval import Blip2RetrievalModel
+
+            return Blip2RetrievalModel.from_folder(path, info)
         if architectures[0].startswith("Blip2"):
             from kiln.models.blip2 import Blip2Model
 

@@ -168,6 +168,9 @@ class ComponentSpec:
     description: str = ""
     # Which graph-fusion recipe fits (onnxruntime's model types: "clip", "unet", "vae", ...).
     graph_kind: str = ""
+    # Exported only when asked for (`kiln export --with-attentions`) and opened only when a
+    # call needs it: an extra graph most users never run.
+    optional: bool = False
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -268,6 +271,7 @@ class ComponentSpec:
             "name": self.name,
             "family": self.family,
             "graph_kind": self.graph_kind,
+            "optional": self.optional,
             "inputs": [tensor(t) for t in self.inputs],
             "outputs": [tensor(t) for t in self.outputs],
         }
@@ -295,4 +299,5 @@ class ComponentSpec:
             inputs=tuple(tensor(t) for t in data["inputs"]),
             outputs=tuple(tensor(t) for t in data["outputs"]),
             graph_kind=data.get("graph_kind", ""),
+            optional=data.get("optional", False),
         )

@@ -6,9 +6,10 @@ tokenizer (vocabulary built here, BLIP's `[DEC]`/`[ENC]` tokens appended as in t
 vocabulary) and a `BlipImageProcessor` config, saved together with `BlipProcessor`.
 
 BLIP-2 (`blip2-opt`) uses a byte-level BPE tokenizer with OPT's special-token ids and
-`Blip2Processor` (which adds the `<image>` token).
+`Blip2Processor` (which adds the `<image>` token); BLIP-2 retrieval (`blip2-itm`) reads text
+with the Q-Former's BERT vocabulary, the same WordPiece one as BLIP.
 
-Tiny presets (`blip`, `blip-itm`, `blip2-opt`) build and save in well under a second. `blip-base` and
+Tiny presets (`blip`, `blip-itm`, `blip2-opt`, `blip2-itm`) build and save in well under a second. `blip-base` and
 `blip-large` use the published architecture sizes, including the 30524-entry vocabulary
 (random weights; the tiny tokenizer's ids stay far below it) for export and speed work.
 """
@@ -118,7 +119,14 @@ PRESETS["blip2-opt"] = {
     },
     "num_query_tokens": 4,
 }
-TINY_PRESETS = ("blip", "blip-itm", "blip2-opt")
+PRESETS["blip2-itm"] = {
+    "architecture": "Blip2ForImageTextRetrieval",
+    "vision": _TINY_VISION,
+    "qformer": {**PRESETS["blip2-opt"]["qformer"], "use_qformer_text_input": True},
+    "num_query_tokens": 4,
+    "image_text_hidden_size": 16,
+}
+TINY_PRESETS = ("blip", "blip-itm", "blip2-opt", "blip2-itm")
 
 
 def vocabulary() -> list[str]:
@@ -191,12 +199,38 @@ def _build_blip2(spec: dict[str, Any], seed: int) -> tuple[Any, Any]:
     )
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
+    _spread(model, seed)
+    return model, processor
+
+
+def _build_blip2_retrieval(spec: dict[str, Any], seed: int) -> tuple[Any, Any]:
+    import torch
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor
+
+    blip = build_processor(spec["vision"]["image_size"])
+    # No image tokens in the text: the ITM head prepends its queries itself.
+    processor = Blip2Processor(image_processor=blip.image_processor, tokenizer=blip.tokenizer)
+    config = Blip2Config(
+        vision_config=dict(spec["vision"]),
+        qformer_config={**spec["qformer"], "vocab_size": len(processor.tokenizer)},
+        num_query_tokens=spec["num_query_tokens"],
+        image_text_hidden_size=spec["image_text_hidden_size"],
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(config).eval()
+    _spread(model, seed)
+    return model, processor
+
+
+def _spread(model: Any, seed: int) -> None:
+    """Random weights large enough that tiny models' outputs differ between inputs."""
+    import torch
+
     with torch.no_grad():
         generator = torch.Generator().manual_seed(seed)
         for name, parameter in model.named_parameters():
             if parameter.dim() >= 2 and "embed" not in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return model, processor
 
 
 def build_model(preset: str, seed: int = 0) -> tuple[Any, Any]:
@@ -209,6 +243,8 @@ def build_model(preset: str, seed: int = 0) -> tuple[Any, Any]:
             f"unknown BLIP preset {preset!r}; available: {', '.join(PRESETS)}"
         )
     spec = PRESETS[preset]
+    if spec["architecture"] == "Blip2ForImageTextRetrieval":
+        return _build_blip2_retrieval(spec, seed)
     if spec["architecture"].startswith("Blip2"):
         return _build_blip2(spec, seed)
     vocab = vocabulary()

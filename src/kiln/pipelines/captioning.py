@@ -1,4 +1,4 @@
-"""`caption()` and `match()` on a BLIP artifact: transformers' own decoding around compiled parts.
+"""`caption()` on a BLIP or BLIP-2 artifact: transformers' own decoding around compiled parts.
 
 transformers supplies the processor (resizing, normalization, tokenization) and
 `generate()` (greedy, beam search, sampling, length and repetition controls); kiln supplies
@@ -17,16 +17,16 @@ from typing import Any
 from kiln.artifacts import SUPPORT_DIR
 from kiln.errors import InvalidRequestError
 from kiln.models.blip import (
-    CAPTIONING,
     CROSS_ATTENTION,
     MAX_BEAMS,
     MAX_IMAGES,
-    MAX_TEXTS,
     TEXT_DECODER,
-    TEXT_MATCHING,
+    TEXT_DECODER_ATTENTIONS,
     VISION_ENCODER,
     BlipModelInfo,
+    attention_names,
 )
+from kiln.pipelines.attention_maps import TokenAttentions, token_attentions
 from kiln.pipelines.deployment import Deployment
 from kiln.pipelines.options import take_aliases
 
@@ -63,13 +63,19 @@ class CaptionResult:
     vision_seconds: float
     options: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
+    # With `attentions=True`: per image, per caption, each new token's cross-attention.
+    attentions: list[list[TokenAttentions]] | None = None
 
     @property
     def caption(self) -> str:
         return self.captions[0][0]
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {}
+        if self.attentions is not None:
+            extra["attentions"] = [[a.to_dict() for a in per] for per in self.attentions]
         return {
+            **extra,
             "captions": self.captions,
             "sequences": self.sequences,
             "seconds": round(self.seconds, 4),
@@ -80,25 +86,29 @@ class CaptionResult:
 
 
 @dataclass
-class MatchResult:
-    """Per text: ITM probability that it describes the image, and ITC cosine similarity."""
+class Generated:
+    """What generate() made and what it read: sequences (prompt included), the image side
+    the decoder attended to, the prompt and its mask (None when no prompt was given)."""
 
-    texts: list[str]
-    itm_probabilities: list[float]
-    itc_similarities: list[float]
-    seconds: float
+    sequences: Any
+    vision_seconds: float
+    image_embeds: Any
+    input_ids: Any
+    attention_mask: Any
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "texts": self.texts,
-            "itm_probabilities": self.itm_probabilities,
-            "itc_similarities": self.itc_similarities,
-            "seconds": round(self.seconds, 4),
-        }
+
+def generation_positions(mask: Any, prompt: int) -> Any:
+    """Position ids as transformers' generate() gives them: the prompt's from its mask
+    (padding at 0), each new token one past the previous position."""
+    import torch
+
+    positions = (mask[:, :prompt].cumsum(-1) - 1).masked_fill(mask[:, :prompt] == 0, 0)
+    new = torch.arange(1, mask.shape[1] - prompt + 1).expand(mask.shape[0], -1)
+    return torch.cat([positions, positions[:, -1:] + new], dim=1)
 
 
 class CaptioningDeployment(Deployment):
-    """A BLIP artifact: `caption()` for captioning models, `match()` for retrieval models."""
+    """A BLIP captioning artifact: `caption()` (retrieval models: `kiln.pipelines.retrieval`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -119,9 +129,8 @@ class CaptioningDeployment(Deployment):
 
             if TEXT_DECODER not in self.sessions or CROSS_ATTENTION not in self.sessions:
                 raise InvalidRequestError(
-                    f"{self.root} holds a {self.info.architecture} without a text_decoder and "
-                    "cross_attention_kv; "
-                    "caption() needs BlipForConditionalGeneration"
+                    f"{self.root} lacks the text_decoder or cross_attention_kv; export every "
+                    "component of the BlipForConditionalGeneration to caption"
                 )
             self._decoder = CompiledBlipTextDecoder(
                 self.config.text_config, self.sessions[TEXT_DECODER], self.sessions[CROSS_ATTENTION]
@@ -137,6 +146,7 @@ class CaptioningDeployment(Deployment):
         *,
         seed: int | None = None,
         num_captions: int = 1,
+        attentions: bool = False,
         **generation_options: Any,
     ) -> CaptionResult:
         """Caption each image (conditionally on `prompt`: one string, or one per image).
@@ -146,37 +156,70 @@ class CaptioningDeployment(Deployment):
         ..., and `num_return_sequences` for `num_captions`); others are refused by name. With
         the same `seed` (sampling draws from torch's global generator, seeded here) the tokens
         are those of `BlipForConditionalGeneration.generate` on the same processor inputs.
+
+        `attentions=True` (an artifact exported `--with-attentions`) also returns, for every
+        new token of every caption, each layer's cross-attention weights over the image.
         """
-        if not self.can_caption:
-            raise InvalidRequestError(
-                f"{self.root} holds a {self.info.architecture}; use match() for it"
-            )
+        if attentions:
+            self._check_attentions()
         pictures = open_images(images)
         prompts = _prompts(prompt, len(pictures))
         options = self._generation_options(num_captions, generation_options)
         started = time.perf_counter()
         try:
-            sequences, vision_seconds = self._generate(pictures, prompts, options, seed)
+            generated = self._generate(pictures, prompts, options, seed)
         except ValueError as exc:  # transformers validates generation options this way
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InvalidRequestError(f"invalid generation options: {first}") from None
+        sequences = generated.sequences
+        per = options.get("num_return_sequences", 1)
+        weights = self._attentions(generated, per) if attentions else None
         seconds = time.perf_counter() - started
         texts = self.processor.batch_decode(sequences, skip_special_tokens=True)
-        per = options.get("num_return_sequences", 1)
         return CaptionResult(
             captions=[
                 [t.strip() for t in texts[i * per : (i + 1) * per]] for i in range(len(pictures))
             ],
             sequences=sequences.tolist(),
             seconds=seconds,
-            vision_seconds=vision_seconds,
+            vision_seconds=generated.vision_seconds,
             options=options,
             seed=seed,
+            attentions=None
+            if weights is None
+            else [weights[i * per : (i + 1) * per] for i in range(len(pictures))],
         )
 
-    @property
-    def can_caption(self) -> bool:
-        return self.info.architecture == CAPTIONING
+    def _check_attentions(self) -> None:
+        if not self.has_component(TEXT_DECODER_ATTENTIONS):
+            raise InvalidRequestError(
+                f"{self.root} has no decoder with attention outputs; export it with "
+                "`kiln export SOURCE -o ARTIFACT --with-attentions`"
+            )
+
+    def _attentions(self, generated: Generated, per: int) -> list[TokenAttentions]:
+        """Run the attention decoder once over the finished captions (teacher-forced)."""
+        import torch
+
+        sequences = generated.sequences
+        prompt = generated.input_ids.shape[1]
+        mask = torch.ones_like(sequences)
+        if generated.attention_mask is not None:
+            mask[:, :prompt] = generated.attention_mask.repeat_interleave(per, dim=0)
+        out = self.session(TEXT_DECODER_ATTENTIONS).run_torch(
+            input_ids=sequences[:, :-1],
+            position_ids=generation_positions(mask, prompt)[:, :-1],
+            attention_mask=mask[:, :-1],
+            encoder_hidden_states=generated.image_embeds.repeat_interleave(per, dim=0),
+        )
+        layers = torch.stack([out[n] for n in attention_names(self.info.num_layers)], dim=1)
+        special = {self.info.sep_token_id, self.info.pad_token_id, self.info.bos_token_id}
+        return [
+            token_attentions(self.processor.tokenizer, row, prompt, layers[i], special)
+            for i, row in enumerate(sequences.tolist())
+        ]
+
+    can_caption = True  # calibration and the server tell captioners from matchers by it
 
     def _generate(
         self,
@@ -184,8 +227,8 @@ class CaptioningDeployment(Deployment):
         prompts: list[str] | None,
         options: dict[str, Any],
         seed: int | None,
-    ) -> tuple[Any, float]:
-        """BLIP: vision session, then the decoder adapter's generate(); (sequences, vision s)."""
+    ) -> Generated:
+        """BLIP: vision session, then the decoder adapter's generate()."""
         import torch
 
         inputs = self.processor(
@@ -222,7 +265,7 @@ class CaptioningDeployment(Deployment):
                 encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.int64),
                 **options,
             )
-        return sequences, vision_seconds
+        return Generated(sequences, vision_seconds, image_embeds, input_ids, attention_mask)
 
     def _generation_options(self, num_captions: int, given: dict[str, Any]) -> dict[str, Any]:
         options = {k: v for k, v in given.items() if v is not None and k in GENERATION_OPTIONS}
@@ -280,48 +323,6 @@ class CaptioningDeployment(Deployment):
             if name in options and (not isinstance(options[name], int) or options[name] < 0):
                 raise InvalidRequestError(f"{name} must be a non-negative integer")
 
-    # -------------------------------------------------------------------------------- match
-
-    def match(self, image: Any, texts: str | Sequence[str]) -> MatchResult:
-        """ITM probability and ITC similarity of `image` against each text."""
-        import torch
-
-        if TEXT_MATCHING not in self.sessions:
-            raise InvalidRequestError(
-                f"{self.root} holds a {self.info.architecture}; match() needs "
-                "BlipForImageTextRetrieval with its text_matching component"
-            )
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise InvalidRequestError("texts must be a non-empty list of non-empty strings")
-        if len(texts) > MAX_TEXTS:
-            raise InvalidRequestError(f"at most {MAX_TEXTS} texts per call, got {len(texts)}")
-        picture = open_images([image] if not isinstance(image, list | tuple) else image)
-        if len(picture) != 1:
-            raise InvalidRequestError("match() takes one image")
-        inputs = self.processor(images=picture, text=texts, return_tensors="pt", padding=True)
-        if inputs["input_ids"].shape[1] > self.info.max_positions:
-            raise InvalidRequestError(
-                f"texts are limited to {self.info.max_positions} tokens for this model"
-            )
-        started = time.perf_counter()
-        embeds = self.sessions[VISION_ENCODER].run_torch(pixel_values=inputs["pixel_values"])[
-            "image_embeds"
-        ]
-        out = self.sessions[TEXT_MATCHING].run_torch(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            image_embeds=embeds.expand(len(texts), -1, -1),
-        )
-        probabilities = torch.softmax(out["itm_logits"], dim=1)[:, 1]
-        similarities = (out["image_features"] * out["text_features"]).sum(dim=1)
-        return MatchResult(
-            texts=texts,
-            itm_probabilities=probabilities.tolist(),
-            itc_similarities=similarities.tolist(),
-            seconds=time.perf_counter() - started,
-        )
-
 
 class Blip2CaptioningDeployment(CaptioningDeployment):
     """A BLIP-2 (OPT) artifact: captions, and answers when the prompt is a question (VQA)."""
@@ -355,22 +356,13 @@ class Blip2CaptioningDeployment(CaptioningDeployment):
             self.config.text_config, self.sessions[LANGUAGE_MODEL], self.sessions[TOKEN_EMBEDDINGS]
         )
 
-    @property
-    def can_caption(self) -> bool:
-        return True
-
-    def match(self, image: Any, texts: str | Sequence[str]) -> MatchResult:
-        raise InvalidRequestError(
-            f"{self.root} holds a BLIP-2 captioning model; match() needs a BLIP retrieval model"
-        )
-
     def _generate(
         self,
         pictures: list[Any],
         prompts: list[str] | None,
         options: dict[str, Any],
         seed: int | None,
-    ) -> tuple[Any, float]:
+    ) -> Generated:
         """As Blip2ForConditionalGeneration.generate: the soft prompt replaces the image
         tokens of the embedded prompt, then the language model's generate() runs."""
         import torch
@@ -405,7 +397,7 @@ class Blip2CaptioningDeployment(CaptioningDeployment):
             sequences = self._decoder.generate(
                 inputs_embeds=embeds, attention_mask=attention_mask, input_ids=input_ids, **options
             )
-        return sequences, vision_seconds
+        return Generated(sequences, vision_seconds, soft_prompt, input_ids, attention_mask)
 
 
 def open_images(images: Any) -> list[Any]:

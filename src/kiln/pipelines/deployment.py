@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from kiln.runtimes import open_for_check, open_session
 from kiln.runtimes.base import Session
 from kiln.versions import warn_version_drift
 
+RETRIEVAL_ARCHITECTURES = ("BlipForImageTextRetrieval", "Blip2ForImageTextRetrieval")
+
 
 class Deployment:
     """A loaded artifact: its manifest, the plan chosen for this machine, open sessions."""
@@ -30,12 +33,23 @@ class Deployment:
         plan: Plan,
         sessions: dict[str, Session],
         load_seconds: float,
+        deferred: Mapping[str, Callable[[], Session]] | None = None,
     ) -> None:
         self.root = root
         self.manifest = manifest
         self.plan = plan
         self.sessions = sessions
         self.load_seconds = load_seconds
+        self._deferred = dict(deferred or {})
+
+    def has_component(self, component: str) -> bool:
+        return component in self.sessions or component in self._deferred
+
+    def session(self, component: str) -> Session:
+        """The component's session; an optional component opens on its first use."""
+        if component not in self.sessions and component in self._deferred:
+            self.sessions[component] = self._deferred.pop(component)()
+        return self.sessions[component]
 
     @property
     def family(self) -> str:
@@ -61,7 +75,14 @@ class Deployment:
 
     def match(self, *args: Any, **kwargs: Any) -> Any:
         raise InvalidRequestError(
-            f"{self.root} holds a {self.family} model; match() is for BLIP retrieval models"
+            f"{self.root} holds a {self.family} model; match() is for BLIP and BLIP-2 "
+            "retrieval models"
+        )
+
+    def embed(self, *args: Any, **kwargs: Any) -> Any:
+        raise InvalidRequestError(
+            f"{self.root} holds a {self.family} model; embed() is for BLIP and BLIP-2 "
+            "retrieval models"
         )
 
     def __repr__(self) -> str:
@@ -112,29 +133,44 @@ def load(
         verify_files(root, manifest.support_files)
         for choice in plan.choices:
             verify_files(root, manifest.variant(choice.variant_id).files)
-    sessions = {}
+    sessions, deferred = {}, {}
     for choice in plan.choices:
         spec = ComponentSpec.from_dict(manifest.components[choice.component])
-        variant = manifest.variant(choice.variant_id)
-        session = open_session(root, variant, spec, choice)
-        fallback = _fallback_for(manifest, variant) if guard else None
-        if fallback is not None:
-            session = _guarded(root, session, variant, fallback, spec, choice)
-        sessions[choice.component] = session
+        opener = partial(_open_planned, root, manifest, choice, spec, guard)
+        if spec.optional:
+            deferred[choice.component] = opener
+        else:
+            sessions[choice.component] = opener()
     seconds = time.perf_counter() - started
+    args = (root, manifest, plan, sessions, seconds)
     if manifest.family == "stable-diffusion":
         from kiln.pipelines.diffusion import DiffusionDeployment
 
-        return DiffusionDeployment(root, manifest, plan, sessions, seconds)
+        return DiffusionDeployment(*args, deferred=deferred)
+    if manifest.model_info.get("architecture") in RETRIEVAL_ARCHITECTURES:
+        from kiln.pipelines.retrieval import RetrievalDeployment
+
+        return RetrievalDeployment(*args, deferred=deferred)
     if manifest.family == "blip":
         from kiln.pipelines.captioning import CaptioningDeployment
 
-        return CaptioningDeployment(root, manifest, plan, sessions, seconds)
+        return CaptioningDeployment(*args, deferred=deferred)
     if manifest.family == "blip2":
         from kiln.pipelines.captioning import Blip2CaptioningDeployment
 
-        return Blip2CaptioningDeployment(root, manifest, plan, sessions, seconds)
-    return Deployment(root, manifest, plan, sessions, seconds)
+        return Blip2CaptioningDeployment(*args, deferred=deferred)
+    return Deployment(*args, deferred=deferred)
+
+
+def _open_planned(
+    root: Path, manifest: Manifest, choice: Any, spec: ComponentSpec, guard: bool
+) -> Session:
+    variant = manifest.variant(choice.variant_id)
+    session = open_session(root, variant, spec, choice)
+    fallback = _fallback_for(manifest, variant) if guard else None
+    if fallback is not None:
+        session = _guarded(root, session, variant, fallback, spec, choice)
+    return session
 
 
 def _fallback_for(manifest: Manifest, variant: Variant) -> Variant | None:

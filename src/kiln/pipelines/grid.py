@@ -196,7 +196,7 @@ def compose(
     generated (never scaled), so a box cut from the grid is that cell's image."""
     from PIL import Image, ImageDraw
 
-    font = _font()
+    font = label_font()
     column = max(MIN_COLUMN, max(image.width for image in images)) + GAP
     row = max(image.height for image in images) + GAP
     scored = any("psnr_vs_first_variant" in r for r in records)
@@ -242,7 +242,7 @@ def _score(record: dict[str, Any]) -> str:
     return "PSNR -" if value is None else f"PSNR {value:.1f} dB"
 
 
-def _font() -> Any:
+def label_font() -> Any:
     from PIL import ImageFont
 
     try:

@@ -316,7 +316,9 @@ def _kind(manifest: Any) -> str:
     if manifest.family == "stable-diffusion":
         return DIFFUSION
     if manifest.family in ("blip", "blip2"):
-        itm = manifest.model_info.get("architecture") == "BlipForImageTextRetrieval"
+        from kiln.pipelines.deployment import RETRIEVAL_ARCHITECTURES
+
+        itm = manifest.model_info.get("architecture") in RETRIEVAL_ARCHITECTURES
         return MATCHING if itm else CAPTIONING
     raise InvalidRequestError(f"kiln serve does not serve {manifest.family} artifacts")
 
