@@ -108,9 +108,10 @@ def test_attention_map_is_written_for_every_word(with_attentions, tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     attention = data["attentions"][0][0]
-    tokens = attention["tokens"]
+    starts = attention["word_starts"]
+    assert len(starts) == len(attention["tokens"])
     # Word pieces join the word before them (a leading piece is a word of its own).
-    words = [t for i, t in enumerate(tokens) if i == 0 or not t.startswith("##")]
+    words = [i for i, start in enumerate(starts) if i == 0 or start]
     assert len(attention["weights_by_layer"][0]) == 2  # per token: one row per layer
     picture = Image.open(out)
     columns = min(len(words) + 1, 6)
@@ -151,3 +152,63 @@ def test_with_attentions_is_refused_for_models_without_that_decoder(served_blip,
         "no decoder with attention outputs",
     )
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------- BLIP-2
+
+
+@pytest.fixture(scope="module")
+def blip2(tmp_path_factory):
+    from transformers import Blip2ForConditionalGeneration
+
+    from kiln.models.tiny_captioning import save_model
+
+    root = tmp_path_factory.mktemp("blip2-attentions")
+    source = save_model("blip2-opt", root / "model", seed=0)
+    kiln.export(source, root / "onnx", with_attentions=True)
+    # Eager attention: transformers' sdpa path returns no weights.
+    model = Blip2ForConditionalGeneration.from_pretrained(source, attn_implementation="eager")
+    return kiln.load(root / "onnx"), model.eval()
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"num_beams": 3, "num_captions": 2}], ids=["greedy", "beam3"]
+)
+def test_blip2_attention_weights_equal_transformers(blip2, options):
+    """Language-model attention to the soft prompt times the Q-Former's cross-attention."""
+    deployment, model = blip2
+    info = deployment.info
+    images = _images()
+    result = deployment.caption(images, attentions=True, max_new_tokens=6, **options)
+    sequences = torch.tensor(result.sequences)
+    per = len(result.captions[0])
+    pixels = deployment.processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        out = model(
+            pixel_values=pixels.repeat_interleave(per, dim=0),
+            input_ids=sequences[:, :-1],
+            attention_mask=torch.ones_like(sequences[:, :-1]),
+            output_attentions=True,
+            return_dict=True,
+        )
+        embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+        qformer = model.qformer(
+            query_embeds=model.query_tokens.expand(len(images), -1, -1),
+            encoder_hidden_states=embeds,
+            output_attentions=True,
+            return_dict=True,
+        )
+    language = torch.stack(out.language_model_outputs.attentions, dim=1)
+    queries = torch.stack(qformer.cross_attentions).mean(dim=(0, 2)).repeat_interleave(per, 0)
+    prompt = info.num_query_tokens + 1  # the image tokens, then BOS
+    special = {info.eos_token_id, info.pad_token_id, info.image_token_id}
+    for row, sequence in enumerate(result.sequences):
+        columns = [p for p in range(len(sequence) - 1) if sequence[p] == info.image_token_id]
+        onto = torch.einsum("lhqk,kp->lhqp", language[row][:, :, :, columns], queries[row])
+        kept = [p for p in range(prompt, len(sequence)) if sequence[p] not in special]
+        want = onto[:, :, [p - 1 for p in kept], :].permute(2, 0, 1, 3).numpy()
+        got = result.attentions[row // per][row % per]
+        assert got.weights.shape == want.shape and len(kept) > 0
+        assert np.abs(got.weights - want).max() <= PARITY
+        assert (got.weights.sum(axis=-1) <= 1 + 1e-5).all()  # a share of the attention
+    assert {"qformer_attentions", "language_model_attentions"} <= set(deployment.sessions)

@@ -191,6 +191,12 @@ def test_caption_match_plan_models(server, client, served_blip):
     local = kiln.load(served_blip["blip-itm"]).match(image, ["a dog", "a cat"])
     matched = client.post("/v1/match", json={"image": _png(image), "texts": ["a dog", "a cat"]})
     assert np.allclose(matched.json()["itm_probabilities"], local.itm_probabilities, atol=1e-5)
+    features = kiln.load(served_blip["blip-itm"]).embed(images=[image], texts=["a dog"])
+    embedded = client.post("/v1/embed", json={"images": [_png(image)], "texts": ["a dog"]}).json()
+    assert np.allclose(embedded["image_features"], features.image_features, atol=1e-5)
+    assert np.allclose(embedded["text_features"], features.text_features, atol=1e-5)
+    refused = client.post("/v1/embed", json={})
+    assert refused.status_code == 422 and "images, texts or both" in refused.text
     answer = client.get("/v1/plan")
     assert answer.json()["replica"]["pid"] == server.process.pid
     assert answer.headers["x-kiln-served-by"].endswith(f":{server.process.pid}")

@@ -166,6 +166,13 @@ def export(
         bool,
         typer.Option(help="Try onnxruntime graph fusions; keep them only where measurably faster."),
     ] = False,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Fuse a LoRA (.safetensors, kohya or diffusers keys) into the weights first: "
+            "FILE or FILE:SCALE (repeatable, fused in order)."
+        ),
+    ] = None,
     with_attentions: Annotated[
         bool,
         typer.Option(
@@ -196,6 +203,7 @@ def export(
             allow_parity_failure=allow_parity_failure,
             optimize=optimize,
             with_attentions=with_attentions,
+            loras=lora or (),
             progress=report,
         )
     console.print(
@@ -670,6 +678,13 @@ def inspect(
     )
     info = ", ".join(f"{k}={v}" for k, v in manifest.model_info.items())
     console.print(f"model: {info}", highlight=False)
+    for lora in manifest.source.get("loras", []):
+        console.print(
+            f"LoRA fused: {lora['file']} x {lora['scale']:g} ({lora['format']}, "
+            f"{', '.join(lora['components'])}; sha256 {lora['sha256'][:12]})",
+            highlight=False,
+            markup=False,
+        )
     console.print(_variants_table(manifest))
     for line in _version_lines(manifest.variants):
         console.print(line)

@@ -34,6 +34,7 @@ from kiln.artifacts import (
     write_manifest,
 )
 from kiln.errors import ArtifactError, ExportError
+from kiln.models.lora import LoraFile
 from kiln.models.sources import LoadedModel, load_source
 from kiln.models.spec import ComponentSpec, Precision
 from kiln.runtimes.pages import drop_mapped_pages
@@ -80,13 +81,15 @@ def export(
     allow_parity_failure: bool = False,
     optimize: bool = False,
     with_attentions: bool = False,
+    loras: Sequence[str | LoraFile] = (),
     progress: ProgressCallback | None = None,
 ) -> Manifest:
     """Export `source` into the artifact folder `out` and return its manifest.
 
     Optional components (the BLIP decoder that outputs cross-attention weights) are
     exported when named in `components` or, with the default components, by
-    `with_attentions=True`.
+    `with_attentions=True`. `loras` (Stable Diffusion: `"FILE"`, `"FILE:SCALE"` or `LoraFile`)
+    are fused into the weights first, in order; the manifest's source records each one.
 
     `optimize=True` tries onnxruntime's graph fusions per component and keeps them only
     where they are measurably faster (the decision is recorded in the variant's options).
@@ -98,7 +101,14 @@ def export(
     if unknown:
         raise ExportError(f"unknown target {unknown[0]!r}; available targets: {', '.join(TARGETS)}")
     out = check_output_folder(out, "export folder")
+    lora_files = [x if isinstance(x, LoraFile) else LoraFile.parse(x) for x in loras]
     model = load_source(source, config=config)
+    if lora_files:
+        if not hasattr(model, "fuse_loras"):
+            raise ExportError(
+                f"LoRAs are for Stable Diffusion; {model.source.id} is a {model.family} model"
+            )
+        model.fuse_loras(lora_files)
     specs = model.specs()
     chosen = list(components or (n for n, s in specs.items() if with_attentions or not s.optional))
     missing = [c for c in chosen if c not in specs]
@@ -109,9 +119,12 @@ def export(
     if with_attentions and not any(specs[c].optional for c in chosen):
         raise ExportError(
             f"{model.source.id} has no decoder with attention outputs; --with-attentions is "
-            "for BLIP captioning models"
+            "for BLIP and BLIP-2 captioning models"
         )
-    manifest = _open_manifest(out, model, specs)
+    # Optional components are described only once exported: a listed component has variants.
+    described = {n: s for n, s in specs.items() if not s.optional or n in chosen}
+    manifest = _open_manifest(out, model, described)
+    model.will_export(chosen)
     report = progress or (lambda event: None)
     for index, component in enumerate(chosen, start=1):
         job = _ComponentExport(out, specs[component], options, report, index, len(chosen))
@@ -135,6 +148,11 @@ def _open_manifest(out: Path, model: LoadedModel, specs: dict[str, ComponentSpec
             raise ExportError(
                 f"{out} already holds an artifact of {existing.source.get('id')}; "
                 "export a different model into another folder"
+            )
+        if existing.source.get("loras", []) != model.source.to_dict().get("loras", []):
+            raise ExportError(
+                f"{out} holds {existing.source.get('id')} with other LoRAs fused in; "
+                "export this combination into another folder"
             )
         # An artifact made before a component existed (the attention decoder) gains its spec.
         added = {n: s.to_dict() for n, s in specs.items() if n not in existing.components}

@@ -23,15 +23,15 @@ sampling exactly as for the PyTorch model.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.errors import SourceError, UnsupportedModelError
-from kiln.models.sources import LoadedModel, SourceInfo, free_weights
+from kiln.errors import UnsupportedModelError
+from kiln.models.sources import SourceInfo
 from kiln.models.spec import ComponentSpec, Dim, DType, Precision, TensorSpec, Tolerance
+from kiln.models.transformers_model import TransformersModel
 
 if TYPE_CHECKING:
     import torch
@@ -476,18 +476,10 @@ def export_module(model: Any, component: str, info: BlipModelInfo) -> torch.nn.M
     return wrapper.eval()
 
 
-class BlipModel(LoadedModel):
+class BlipModel(TransformersModel):
     """A transformers BLIP model (captioning or retrieval), split into exportable components."""
 
     family = FAMILY
-
-    def __init__(self, model: Any, processor: Any, source: SourceInfo) -> None:
-        self.model = model
-        self.processor = processor
-        self.source = source
-        self.info = describe(model)
-        self._specs = component_specs(model, self.info)
-        self._released: set[str] = set()
 
     @classmethod
     def from_folder(cls, path: Path, source: SourceInfo, architecture: str) -> BlipModel:
@@ -495,41 +487,18 @@ class BlipModel(LoadedModel):
             raise UnsupportedModelError(
                 f"{path} holds a {architecture}; kiln compiles {', '.join(ARCHITECTURES)}"
             )
-        import torch
         import transformers
-        from transformers import BlipProcessor
 
-        try:
-            model = getattr(transformers, architecture).from_pretrained(path, dtype=torch.float32)
-            processor = BlipProcessor.from_pretrained(path)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            first_line = (
-                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            )
-            raise SourceError(f"could not load the BLIP model in {path}: {first_line}") from None
-        return cls(model.eval(), processor, source)
+        model_class = getattr(transformers, architecture)
+        return cls(
+            *cls.load_pretrained(path, model_class, transformers.BlipProcessor, "BLIP"), source
+        )
 
-    def specs(self) -> dict[str, ComponentSpec]:
-        return dict(self._specs)
+    def describe(self, model: Any) -> BlipModelInfo:
+        return describe(model)
+
+    def component_specs(self) -> dict[str, ComponentSpec]:
+        return component_specs(self.model, self.info)
 
     def export_module(self, component: str) -> torch.nn.Module:
         return export_module(self.model, component, self.info)
-
-    def release(self, component: str) -> None:
-        # Weights are shared between components (tied embeddings, vision tower); a BLIP is
-        # small enough to free as a whole once every component is exported.
-        self._released.add(component)
-        if self._released >= set(self._specs):
-            free_weights(self.model)  # exporters may still reference the parameters
-            self.model = None
-            gc.collect()
-
-    def model_info(self) -> dict[str, Any]:
-        return self.info.to_dict()
-
-    def save_support_files(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_pretrained(folder)
-        if getattr(self.model, "generation_config", None) is not None:
-            self.model.generation_config.save_pretrained(folder)
-        self.processor.save_pretrained(folder)

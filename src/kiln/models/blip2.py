@@ -9,6 +9,14 @@ Components:
 - `language_model`: `OPTForCausalLM` as a decoder-with-past graph fed with embeddings; the
   self-attention key/values of every layer are inputs and outputs, the past may be empty.
 
+Optional (`kiln export --with-attentions`), for `caption(attentions=True)`:
+
+- `qformer_attentions`: pixels -> the Q-Former's cross-attention weights (queries over the
+  image tokens), per cross-attention layer.
+- `language_model_attentions`: the language model over whole captions without a cache ->
+  every layer's self-attention weights; a token's weights over the soft prompt, times the
+  queries' weights over the image, say where in the image that token looked.
+
 `kiln.runtimes.captioning_adapters.CompiledOptForCausalLM` gives the language model back to
 transformers' `generate()`.
 """
@@ -21,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.errors import SourceError, UnsupportedModelError
+from kiln.errors import UnsupportedModelError
 from kiln.models.blip import (
     DECODER_TOLERANCES,
     MAX_DECODER_BATCH,
@@ -30,8 +38,9 @@ from kiln.models.blip import (
     past_names,
     present_names,
 )
-from kiln.models.sources import LoadedModel, SourceInfo, free_weights
+from kiln.models.sources import SourceInfo, free_weights
 from kiln.models.spec import ComponentSpec, Dim, DType, TensorSpec
+from kiln.models.transformers_model import TransformersModel
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +50,16 @@ FAMILY = "blip2"
 VISION_QFORMER = "vision_qformer"
 TOKEN_EMBEDDINGS = "token_embeddings"
 LANGUAGE_MODEL = "language_model"
+QFORMER_ATTENTIONS = "qformer_attentions"
+LANGUAGE_MODEL_ATTENTIONS = "language_model_attentions"
+# Which part of the model each component reads (weights are freed per part).
+PARTS = {
+    VISION_QFORMER: "vision",
+    QFORMER_ATTENTIONS: "vision",
+    TOKEN_EMBEDDINGS: "language",
+    LANGUAGE_MODEL: "language",
+    LANGUAGE_MODEL_ATTENTIONS: "language",
+}
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration",)
 
@@ -61,6 +80,9 @@ class Blip2ModelInfo:
     bos_token_id: int
     eos_token_id: int
     pad_token_id: int
+    image_tokens: int = 0  # vision tokens the Q-Former's queries attend to
+    qformer_cross_layers: int = 0
+    qformer_heads: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,7 +107,7 @@ def describe(model: Any) -> Blip2ModelInfo:
         )
     if text.word_embed_proj_dim != text.hidden_size:
         raise UnsupportedModelError("OPT with word_embed_proj_dim != hidden_size is not supported")
-    vision = model.config.vision_config
+    vision, qformer = model.config.vision_config, model.config.qformer_config
     image_size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     return Blip2ModelInfo(
         architecture=name,
@@ -102,7 +124,24 @@ def describe(model: Any) -> Blip2ModelInfo:
         bos_token_id=text.bos_token_id,
         eos_token_id=text.eos_token_id,
         pad_token_id=text.pad_token_id,
+        image_tokens=(image_size // _side(vision.patch_size)) ** 2 + 1,
+        qformer_cross_layers=len(
+            range(0, qformer.num_hidden_layers, qformer.cross_attention_frequency)
+        ),
+        qformer_heads=qformer.num_attention_heads,
     )
+
+
+def _side(size: Any) -> int:
+    return size if isinstance(size, int) else size[0]
+
+
+def qformer_attention_names(info: Blip2ModelInfo) -> list[str]:
+    return [f"qformer_cross_attention_{i}" for i in range(info.qformer_cross_layers)]
+
+
+def self_attention_names(info: Blip2ModelInfo) -> list[str]:
+    return [f"self_attention_{i}" for i in range(info.num_layers)]
 
 
 def component_specs(info: Blip2ModelInfo) -> dict[str, ComponentSpec]:
@@ -152,7 +191,44 @@ def component_specs(info: Blip2ModelInfo) -> dict[str, ComponentSpec]:
         tolerances={**_default_tolerances(), **DECODER_TOLERANCES},
         description=f"{info.language_model} with self-attention key/values in and out",
     )
-    return {VISION_QFORMER: vision, TOKEN_EMBEDDINGS: embeddings, LANGUAGE_MODEL: language}
+    return {
+        VISION_QFORMER: vision,
+        TOKEN_EMBEDDINGS: embeddings,
+        LANGUAGE_MODEL: language,
+        **_attention_specs(info),
+    }
+
+
+def _attention_specs(info: Blip2ModelInfo) -> dict[str, ComponentSpec]:
+    size, embed = info.image_size, info.embed_dim
+    images = Dim("batch", 1, 1, MAX_IMAGES)
+    cross = ("batch", info.qformer_heads, info.num_query_tokens, info.image_tokens)
+    qformer = ComponentSpec(
+        name=QFORMER_ATTENTIONS,
+        family=FAMILY,
+        inputs=(TensorSpec("pixel_values", DType.FLOAT32, (images, 3, size, size)),),
+        outputs=tuple(TensorSpec(n, DType.FLOAT32, cross) for n in qformer_attention_names(info)),
+        description="Blip2VisionModel + Q-Former: the queries' cross-attention weights",
+        optional=True,
+    )
+    batch = Dim("batch", 1, 1, MAX_DECODER_BATCH)
+    sequence = Dim("sequence", 1, 8, info.max_positions)
+    square = ("batch", info.num_heads, "sequence", "sequence")
+    language = ComponentSpec(
+        name=LANGUAGE_MODEL_ATTENTIONS,
+        family=FAMILY,
+        inputs=(
+            TensorSpec("inputs_embeds", DType.FLOAT32, (batch, sequence, embed)),
+            TensorSpec(
+                "position_ids", DType.INT64, (batch, sequence), (0, info.max_positions // 2)
+            ),
+            TensorSpec("attention_mask", DType.INT64, (batch, sequence), (1, 2)),
+        ),
+        outputs=tuple(TensorSpec(n, DType.FLOAT32, square) for n in self_attention_names(info)),
+        description=f"{info.language_model} over whole captions: self-attention weights",
+        optional=True,
+    )
+    return {QFORMER_ATTENTIONS: qformer, LANGUAGE_MODEL_ATTENTIONS: language}
 
 
 def export_module(model: Any, component: str, info: Blip2ModelInfo) -> torch.nn.Module:
@@ -205,6 +281,40 @@ def export_module(model: Any, component: str, info: Blip2ModelInfo) -> torch.nn.
                 presents += [layer.keys, layer.values]
             return (out.logits, *presents)
 
+    class QFormerAttentions(torch.nn.Module):
+        def __init__(self, blip2: torch.nn.Module) -> None:
+            super().__init__()
+            self.blip2 = blip2
+            blip2.qformer.config._attn_implementation = "eager"  # sdpa gives no weights
+
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            blip2 = self.blip2
+            image_embeds = blip2.vision_model(pixel_values, return_dict=True).last_hidden_state
+            out = blip2.qformer(
+                query_embeds=blip2.query_tokens.expand(image_embeds.shape[0], -1, -1),
+                encoder_hidden_states=image_embeds,
+                output_attentions=True,
+                return_dict=True,
+            )
+            return tuple(out.cross_attentions)
+
+    class LanguageAttentions(torch.nn.Module):
+        def __init__(self, lm: torch.nn.Module) -> None:
+            super().__init__()
+            self.lm = lm
+            lm.config._attn_implementation = "eager"  # sdpa gives no weights
+
+        def forward(self, inputs_embeds, position_ids, attention_mask):
+            out = self.lm(
+                inputs_embeds=inputs_embeds,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                output_attentions=True,
+                return_dict=True,
+            )
+            return tuple(out.attentions)
+
     names = [t.name for t in component_specs(info)[LANGUAGE_MODEL].inputs]
     namespace: dict[str, Any] = {}
     exec(  # noqa: S102 - spec identifiers; torch.onnx needs named parameters, not *args
@@ -217,24 +327,18 @@ def export_module(model: Any, component: str, info: Blip2ModelInfo) -> torch.nn.
         VISION_QFORMER: lambda: VisionQFormer(model),
         TOKEN_EMBEDDINGS: lambda: Embeddings(model.language_model.get_input_embeddings()),
         LANGUAGE_MODEL: lambda: Language(model.language_model),
+        QFORMER_ATTENTIONS: lambda: QFormerAttentions(model),
+        LANGUAGE_MODEL_ATTENTIONS: lambda: LanguageAttentions(model.language_model),
     }
     if component not in wrappers:
         raise UnsupportedModelError(f"BLIP-2 has no component {component!r}")
     return wrappers[component]().eval()
 
 
-class Blip2Model(LoadedModel):
+class Blip2Model(TransformersModel):
     """A transformers BLIP-2 (OPT) model, split into exportable components."""
 
     family = FAMILY
-
-    def __init__(self, model: Any, processor: Any, source: SourceInfo) -> None:
-        self.model = model
-        self.processor = processor
-        self.source = source
-        self.info = describe(model)
-        self._specs = component_specs(self.info)
-        self._released: set[str] = set()
 
     @classmethod
     def from_folder(cls, path: Path, source: SourceInfo, architecture: str) -> Blip2Model:
@@ -242,30 +346,26 @@ class Blip2Model(LoadedModel):
             raise UnsupportedModelError(
                 f"{path} holds a {architecture}; kiln compiles {ARCHITECTURES[0]}"
             )
-        import torch
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-        try:
-            model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-            processor = Blip2Processor.from_pretrained(path)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            first_line = (
-                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            )
-            raise SourceError(f"could not load the BLIP-2 model in {path}: {first_line}") from None
-        return cls(model.eval(), processor, source)
+        loaded = cls.load_pretrained(path, Blip2ForConditionalGeneration, Blip2Processor, "BLIP-2")
+        return cls(*loaded, source)
 
-    def specs(self) -> dict[str, ComponentSpec]:
-        return dict(self._specs)
+    def describe(self, model: Any) -> Blip2ModelInfo:
+        return describe(model)
+
+    def component_specs(self) -> dict[str, ComponentSpec]:
+        return component_specs(self.info)
 
     def export_module(self, component: str) -> torch.nn.Module:
         return export_module(self.model, component, self.info)
 
     def release(self, component: str) -> None:
-        # The embedding table is tied to the LM head: free the language side only when both
-        # of its components are done, in whichever order they were exported.
-        self._released.add(component)
-        if component == VISION_QFORMER:
+        # The embedding table is tied to the LM head: a part goes once no component of this
+        # run still needs it, in whichever order they were exported.
+        self._pending.discard(component)
+        needed = {PARTS[c] for c in self._pending}
+        if "vision" not in needed and self.model.qformer is not None:
             for part in (
                 self.model.vision_model,
                 self.model.qformer,
@@ -273,16 +373,7 @@ class Blip2Model(LoadedModel):
             ):
                 free_weights(part)  # exporters may still reference the parameters
             self.model.vision_model = self.model.qformer = None
-        if {TOKEN_EMBEDDINGS, LANGUAGE_MODEL} <= self._released:
+        if "language" not in needed and self.model.language_model is not None:
             free_weights(self.model.language_model)
             self.model.language_model = None
         gc.collect()
-
-    def model_info(self) -> dict[str, Any]:
-        return self.info.to_dict()
-
-    def save_support_files(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_pretrained(folder)
-        self.model.generation_config.save_pretrained(folder)
-        self.processor.save_pretrained(folder)

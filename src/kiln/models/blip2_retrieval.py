@@ -14,13 +14,12 @@ The same components, under the same names, as BLIP's retrieval model, so `match(
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.errors import SourceError, UnsupportedModelError
+from kiln.errors import UnsupportedModelError
 from kiln.models.blip import (
     MAX_IMAGES,
     MAX_TEXTS,
@@ -29,8 +28,9 @@ from kiln.models.blip import (
     VISION_ENCODER,
     text_inputs,
 )
-from kiln.models.sources import LoadedModel, SourceInfo, free_weights
+from kiln.models.sources import SourceInfo
 from kiln.models.spec import ComponentSpec, Dim, DType, TensorSpec
+from kiln.models.transformers_model import TransformersModel
 
 if TYPE_CHECKING:
     import torch
@@ -179,52 +179,23 @@ def export_module(model: Any, component: str, info: Blip2RetrievalInfo) -> torch
     return wrappers[component](model).eval()
 
 
-class Blip2RetrievalModel(LoadedModel):
+class Blip2RetrievalModel(TransformersModel):
     """A transformers `Blip2ForImageTextRetrieval`, split into exportable components."""
 
     family = FAMILY
 
-    def __init__(self, model: Any, processor: Any, source: SourceInfo) -> None:
-        self.model = model
-        self.processor = processor
-        self.source = source
-        self.info = describe(model)
-        self._specs = component_specs(self.info)
-        self._released: set[str] = set()
-
     @classmethod
     def from_folder(cls, path: Path, source: SourceInfo) -> Blip2RetrievalModel:
-        import torch
         from transformers import Blip2ForImageTextRetrieval, Blip2Processor
 
-        try:
-            model = Blip2ForImageTextRetrieval.from_pretrained(path, dtype=torch.float32)
-            processor = Blip2Processor.from_pretrained(path)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            first_line = (
-                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            )
-            raise SourceError(f"could not load the BLIP-2 model in {path}: {first_line}") from None
-        return cls(model.eval(), processor, source)
+        loaded = cls.load_pretrained(path, Blip2ForImageTextRetrieval, Blip2Processor, "BLIP-2")
+        return cls(*loaded, source)
 
-    def specs(self) -> dict[str, ComponentSpec]:
-        return dict(self._specs)
+    def describe(self, model: Any) -> Blip2RetrievalInfo:
+        return describe(model)
+
+    def component_specs(self) -> dict[str, ComponentSpec]:
+        return component_specs(self.info)
 
     def export_module(self, component: str) -> torch.nn.Module:
         return export_module(self.model, component, self.info)
-
-    def release(self, component: str) -> None:
-        # Every component reads the Q-Former: free the model once all are exported.
-        self._released.add(component)
-        if self._released >= set(self._specs):
-            free_weights(self.model)
-            self.model = None
-            gc.collect()
-
-    def model_info(self) -> dict[str, Any]:
-        return self.info.to_dict()
-
-    def save_support_files(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_pretrained(folder)
-        self.processor.save_pretrained(folder)

@@ -11,6 +11,7 @@ import abc
 import hashlib
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,9 +34,13 @@ class SourceInfo:
     id: str
     kind: str  # "folder", "hub" or "single-file"
     revision: str  # hub commit, or "sha256:<hex>" of the weight files
+    loras: tuple[Mapping[str, Any], ...] = ()  # fused into the weights (kiln.models.lora)
 
-    def to_dict(self) -> dict[str, str]:
-        return {"id": self.id, "kind": self.kind, "revision": self.revision}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "kind": self.kind, "revision": self.revision}
+        if self.loras:
+            out["loras"] = [dict(lora) for lora in self.loras]
+        return out
 
 
 class LoadedModel(abc.ABC):
@@ -55,6 +60,9 @@ class LoadedModel(abc.ABC):
     @abc.abstractmethod
     def release(self, component: str) -> None:
         """Drop the component's weights once exported, to bound peak memory."""
+
+    def will_export(self, components: Sequence[str]) -> None:  # noqa: B027 - optional hook
+        """The components this run exports, in order: weights only they need can go early."""
 
     @abc.abstractmethod
     def model_info(self) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import enum
 import gc
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,8 @@ from kiln.models.spec import (
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
+
+    from kiln.models.lora import LoraFile
 
 FAMILY = "stable-diffusion"
 
@@ -373,6 +375,13 @@ class StableDiffusionModel(LoadedModel):
             )
             raise SourceError(f"could not load the pipeline in {path}: {first_line}") from None
         return cls(pipeline, source)
+
+    def fuse_loras(self, loras: Sequence[LoraFile]) -> None:
+        """Bake LoRAs into the weights before anything is exported; the source records them."""
+        from kiln.models.lora import fuse_loras
+
+        records = fuse_loras(self.pipeline, loras, self.info.architecture.title)
+        self.source = replace(self.source, loras=(*self.source.loras, *records))
 
     def specs(self) -> dict[str, ComponentSpec]:
         return dict(self._specs)

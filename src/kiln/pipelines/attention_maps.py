@@ -23,24 +23,31 @@ LABEL = 18  # px under each panel
 
 @dataclass
 class TokenAttentions:
-    """One caption's new tokens (special tokens left out) and `weights[token, layer, head, key]`."""
+    """One caption's new tokens (special tokens left out) and `weights[token, layer, head, key]`.
+
+    The keys are BLIP's image tokens: the class token, then grid x grid patches. For BLIP-2,
+    layers and heads are the language model's and each weight is its attention to the soft
+    prompt carried onto the image by the Q-Former's cross-attention (rows sum to the share
+    of attention the token gave the image).
+    """
 
     tokens: list[str]
     weights: np.ndarray
+    word_starts: list[bool]
 
     @property
     def grid(self) -> int:
-        """Patches per side (the keys are the class token, then grid x grid patches)."""
         return math.isqrt(self.weights.shape[-1] - 1)
 
     def word_maps(self) -> list[tuple[str, np.ndarray]]:
-        """(word, grid x grid map) per word; WordPiece '##' pieces join the word before."""
+        """(word, grid x grid map) per word, its pieces joined and averaged with the layers
+        and heads."""
         words: list[tuple[str, list[int]]] = []
-        for index, token in enumerate(self.tokens):
-            if token.startswith("##") and words:
-                words[-1] = (words[-1][0] + token[2:], [*words[-1][1], index])
-            else:
+        for index, (token, start) in enumerate(zip(self.tokens, self.word_starts, strict=True)):
+            if start or not words:
                 words.append((token, [index]))
+            else:
+                words[-1] = (words[-1][0] + token, [*words[-1][1], index])
         side = self.grid
         return [
             (word, self.weights[pieces].mean(axis=(0, 1, 2))[1:].reshape(side, side))
@@ -51,6 +58,7 @@ class TokenAttentions:
         """Tokens, and per token and layer the weights averaged over heads."""
         return {
             "tokens": self.tokens,
+            "word_starts": self.word_starts,
             "weights_by_layer": self.weights.mean(axis=2).round(6).tolist(),
         }
 
@@ -60,14 +68,30 @@ def token_attentions(
 ) -> TokenAttentions:
     """The new tokens of one generated row and their weights.
 
-    `weights` is the attention decoder's output for the row, (layers, heads, queries, keys),
-    queries over the row minus its last token: token `prompt + k` was produced by query
-    `prompt + k - 1`.
+    `weights` is (layers, heads, queries, keys) for the row, queries over the row minus its
+    last token: token `prompt + k` was produced by query `prompt + k - 1`.
     """
     kept = [p for p in range(prompt, len(row)) if row[p] not in special]
     stacked = weights[:, :, [p - 1 for p in kept], :].permute(2, 0, 1, 3)
-    tokens = tokenizer.convert_ids_to_tokens([row[p] for p in kept])
-    return TokenAttentions(tokens=list(tokens), weights=stacked.numpy())
+    ids = [row[p] for p in kept]
+    # An id past the tokenizer's vocabulary (random-weight models) is shown as its number.
+    pieces = [
+        piece or f"<{i}>"
+        for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)
+    ]
+    return TokenAttentions(
+        tokens=[tokenizer.convert_tokens_to_string([p]).strip().removeprefix("##") for p in pieces],
+        weights=stacked.numpy(),
+        word_starts=[_starts_word(tokenizer, piece) for piece in pieces],
+    )
+
+
+def _starts_word(tokenizer: Any, piece: str) -> bool:
+    """WordPiece marks continuations ('##s'); byte-level BPE marks word starts ('Ġcat')."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        return piece.startswith("Ġ")
+    return not piece.startswith("##")
 
 
 def render(image: Any, attentions: TokenAttentions, caption: str) -> Any:

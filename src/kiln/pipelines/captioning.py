@@ -95,6 +95,7 @@ class Generated:
     image_embeds: Any
     input_ids: Any
     attention_mask: Any
+    pixel_values: Any = None
 
 
 def generation_positions(mask: Any, prompt: int) -> Any:
@@ -397,7 +398,56 @@ class Blip2CaptioningDeployment(CaptioningDeployment):
             sequences = self._decoder.generate(
                 inputs_embeds=embeds, attention_mask=attention_mask, input_ids=input_ids, **options
             )
-        return Generated(sequences, vision_seconds, soft_prompt, input_ids, attention_mask)
+        return Generated(
+            sequences,
+            vision_seconds,
+            soft_prompt,
+            input_ids,
+            attention_mask,
+            inputs["pixel_values"],
+        )
+
+    def _check_attentions(self) -> None:
+        from kiln.models.blip2 import LANGUAGE_MODEL_ATTENTIONS, QFORMER_ATTENTIONS
+
+        if not all(self.has_component(c) for c in (QFORMER_ATTENTIONS, LANGUAGE_MODEL_ATTENTIONS)):
+            super()._check_attentions()  # the same refusal as BLIP's
+
+    def _attentions(self, generated: Generated, per: int) -> list[TokenAttentions]:
+        """Each new token's language-model attention to the soft prompt, carried onto the
+        image by the Q-Former queries' cross-attention (averaged over its layers and heads)."""
+        import torch
+
+        from kiln.models.blip2 import (
+            LANGUAGE_MODEL_ATTENTIONS,
+            QFORMER_ATTENTIONS,
+            qformer_attention_names,
+            self_attention_names,
+        )
+
+        info, sequences = self.info, generated.sequences
+        prompt = generated.input_ids.shape[1]
+        mask = torch.ones_like(sequences)
+        mask[:, :prompt] = generated.attention_mask.repeat_interleave(per, dim=0)
+        inputs = sequences[:, :-1]
+        image_positions = (inputs == info.image_token_id).unsqueeze(-1)
+        soft_prompt = generated.image_embeds.repeat_interleave(per, dim=0)
+        lm = self.session(LANGUAGE_MODEL_ATTENTIONS).run_torch(
+            inputs_embeds=self._decoder.embed(inputs).masked_scatter(image_positions, soft_prompt),
+            position_ids=generation_positions(mask, prompt)[:, :-1],
+            attention_mask=mask[:, :-1],
+        )
+        qformer = self.session(QFORMER_ATTENTIONS).run_torch(pixel_values=generated.pixel_values)
+        queries = torch.stack([qformer[n] for n in qformer_attention_names(info)]).mean(dim=(0, 2))
+        queries = queries.repeat_interleave(per, dim=0)  # (rows, queries, image tokens)
+        layers = torch.stack([lm[n] for n in self_attention_names(info)], dim=1)
+        special = {info.eos_token_id, info.pad_token_id, info.bos_token_id, info.image_token_id}
+        out = []
+        for index, row in enumerate(sequences.tolist()):
+            columns = image_positions[index, :, 0].nonzero().flatten()
+            onto = torch.einsum("lhqk,kp->lhqp", layers[index][:, :, :, columns], queries[index])
+            out.append(token_attentions(self.processor.tokenizer, row, prompt, onto, special))
+        return out
 
 
 def open_images(images: Any) -> list[Any]:

@@ -323,8 +323,11 @@ def _with_end_to_end_drift(
 
 
 def _exported(manifest: Manifest) -> list[str]:
-    """Components that have at least one variant (a manifest may describe more)."""
-    return list(dict.fromkeys(v.component for v in manifest.variants))
+    """Components that have at least one variant (a manifest may describe more), less the
+    optional ones: captioning never runs the attention decoders, so calibration cannot see
+    their inputs, and the maps they draw need no speed-up."""
+    optional = {name for name, spec in manifest.components.items() if spec.get("optional")}
+    return [c for c in dict.fromkeys(v.component for v in manifest.variants) if c not in optional]
 
 
 def _summary(variant: Variant, source: Variant) -> str:

@@ -48,6 +48,12 @@ class MatchRequest(BaseModel):
     model: str | None = None
 
 
+class EmbedRequest(BaseModel):
+    images: list[str] = Field(default_factory=list, max_length=32)
+    texts: list[str] = Field(default_factory=list, max_length=256)
+    model: str | None = None
+
+
 class GenerationJobRequest(BaseModel):
     prompt: str
     kind: Literal["txt2img", "img2img"] = "txt2img"
@@ -106,6 +112,22 @@ async def match(body: MatchRequest, request: Request) -> dict[str, Any]:
     image = decode_image(body.image, "image", settings.max_pixels)
     params = {"image": image, "texts": body.texts}
     job = await run_job(request, Job("match", model.name, owner_of(request), params))
+    return {"model": model.name, **job.result}
+
+
+@router.post("/embed")
+async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
+    """Normalized ITC features of images and texts, for a search index (retrieval models)."""
+    registry, settings = _state(request)
+    model = registry.pick(MATCHING, body.model)
+    if not body.images and not body.texts:
+        raise InvalidRequestError("embed needs images, texts or both")
+    images = [
+        decode_image(text, f"images[{i}]", settings.max_pixels)
+        for i, text in enumerate(body.images)
+    ]
+    params = {"images": images or None, "texts": body.texts or None}
+    job = await run_job(request, Job("embed", model.name, owner_of(request), params))
     return {"model": model.name, **job.result}
 
 

@@ -262,7 +262,10 @@ class ModelRegistry:
 
     def _run_match(self, model: ServedModel, jobs: list[Job]) -> None:
         job = jobs[0]
-        result = model.deployment.match(job.params["image"], job.params["texts"])
+        if job.kind == "embed":
+            result = model.deployment.embed(job.params["images"], job.params["texts"])
+        else:
+            result = model.deployment.match(job.params["image"], job.params["texts"])
         job.finish(JobState.DONE, result.to_dict())
 
 
