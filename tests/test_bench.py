@@ -63,6 +63,7 @@ def _assert_complete_figures(variant, cases):
         assert len(figure["fingerprint"]) == 16
 
 
+@pytest.mark.slow
 def test_report_validates_and_has_every_figure(bench):
     report, folder = bench
     assert validation_errors(report) == []
@@ -101,6 +102,7 @@ def test_report_validates_and_has_every_figure(bench):
             }
 
 
+@pytest.mark.slow
 def test_ratios_refer_to_eager_from_the_same_run(bench):
     report, _ = bench
     assert report["ratio_reference"] == {"variant": "torch", "reason": None}
@@ -115,6 +117,7 @@ def test_ratios_refer_to_eager_from_the_same_run(bench):
     )
 
 
+@pytest.mark.slow
 def test_drift_against_the_eager_image(bench):
     report, _ = bench
     assert report["drift_reference"]["variant"] == "torch"
@@ -124,6 +127,7 @@ def test_drift_against_the_eager_image(bench):
     assert onnx_case["drift_ssim"]["value"] > 0.99
 
 
+@pytest.mark.slow
 def test_plots_html_and_images_are_written(bench):
     report, folder = bench
     from kiln.bench.report import table, write_html_report
@@ -149,6 +153,7 @@ def test_plots_html_and_images_are_written(bench):
     assert wide.row_count == 3 * len(report["variants"]) and wide.columns[0].header == "variant"
 
 
+@pytest.mark.slow
 def test_compare_flags_a_slowed_variant(bench, artifacts, tmp_path):
     report, folder = bench
     slowed = run_bench(
@@ -221,6 +226,7 @@ def test_missing_source_skips_the_baseline_with_a_reason(artifacts, tmp_path):
     assert planned[2].skip_reason is None
 
 
+@pytest.mark.slow
 def test_record_writes_measurements_that_selection_reads(bench, artifacts, tmp_path):
     report, _ = bench
     from kiln.artifacts import read_manifest

@@ -151,6 +151,7 @@ def test_doctor_json_reports_this_machine():
     assert names["onnxruntime"]["available"] is True
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     result = run_kiln("demo", "--out", tmp_path / "demo", "--steps", "3")
     assert result.returncode == 0, result.stderr

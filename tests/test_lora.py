@@ -93,6 +93,7 @@ def fused_artifact(tiny_models, loras, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_loras_fused_at_export_give_diffusers_image(tiny_models, loras, fused_artifact):
     settings = {"steps": 4, "width": 64, "height": 64, "seed": 3, "guidance_scale": 6.0}
     ours = kiln.load(fused_artifact).generate(PROMPT, **settings).image
@@ -124,6 +125,7 @@ def test_two_loras_fused_at_export_give_diffusers_image(tiny_models, loras, fuse
     assert psnr(ours, unfused) < psnr(ours, want) - 3  # the LoRAs changed the picture
 
 
+@pytest.mark.slow
 def test_manifest_and_inspect_list_the_fused_loras(fused_artifact, loras):
     source = json.loads((fused_artifact / "manifest.json").read_text())["source"]
     assert [(x["file"], x["scale"]) for x in source["loras"]] == [
@@ -136,6 +138,7 @@ def test_manifest_and_inspect_list_the_fused_loras(fused_artifact, loras):
     assert "x -0.5 (diffusers" in shown.stdout
 
 
+@pytest.mark.slow
 def test_exporting_another_lora_into_the_same_folder_is_refused(tiny_models, loras, fused_artifact):
     with pytest.raises(ExportError, match="other LoRAs"):
         kiln.export(tiny_models["sd1"], fused_artifact, loras=[str(loras["sd1"]["a"])])

@@ -119,6 +119,7 @@ def test_throughput_objective_splits_batches_over_streams(both_targets, monkeypa
     assert all(psnr(x, y) >= 35 for x, y in zip(a.images, b.images, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("preset", "pipeline_class"),
     [("sd2", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")],

@@ -283,6 +283,7 @@ def test_doctor_reports_cuda_only_cells(tmp_path):
         assert cells[cuda_only].startswith("needs an NVIDIA GPU"), cells[cuda_only]
 
 
+@pytest.mark.slow
 def test_export_with_precision_quantizes_in_one_go(tiny_models, tmp_path):
     out = tmp_path / "art"
     result = run_kiln(
