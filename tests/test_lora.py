@@ -93,6 +93,19 @@ def fused_artifact(tiny_models, loras, tmp_path_factory):
     return out
 
 
+def _diffusers_image(pipeline):
+    """diffusers' image at the settings of the test below."""
+    with torch.inference_mode():
+        return pipeline(
+            PROMPT,
+            num_inference_steps=4,
+            width=64,
+            height=64,
+            guidance_scale=6.0,
+            generator=torch.Generator("cpu").manual_seed(3),
+        ).images[0]
+
+
 @pytest.mark.slow
 def test_two_loras_fused_at_export_give_diffusers_image(tiny_models, loras, fused_artifact):
     settings = {"steps": 4, "width": 64, "height": 64, "seed": 3, "guidance_scale": 6.0}
@@ -100,28 +113,11 @@ def test_two_loras_fused_at_export_give_diffusers_image(tiny_models, loras, fuse
     reference = _reference_weights(
         tiny_models["sd1"], [(loras["sd1"]["a"], 0.8), (loras["sd1"]["b"], -0.5)]
     )
-    with torch.inference_mode():
-        want = reference(
-            PROMPT,
-            num_inference_steps=4,
-            width=64,
-            height=64,
-            guidance_scale=6.0,
-            generator=torch.Generator("cpu").manual_seed(3),
-        ).images[0]
+    want = _diffusers_image(reference)
     again = kiln.load(fused_artifact).generate(PROMPT, **settings).image
     assert psnr(ours, want) >= MIN_PSNR
     assert np.array_equal(np.asarray(ours), np.asarray(again))  # deterministic
-    plain = _pipeline(tiny_models["sd1"])
-    with torch.inference_mode():
-        unfused = plain(
-            PROMPT,
-            num_inference_steps=4,
-            width=64,
-            height=64,
-            guidance_scale=6.0,
-            generator=torch.Generator("cpu").manual_seed(3),
-        ).images[0]
+    unfused = _diffusers_image(_pipeline(tiny_models["sd1"]))
     assert psnr(ours, unfused) < psnr(ours, want) - 3  # the LoRAs changed the picture
 
 
