@@ -61,3 +61,30 @@ def served_blip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out[preset] = root / name
         kiln.export(model, out[preset])
     return out
+
+
+@pytest.fixture(scope="session")
+def both_targets(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD1 exported to ONNX and OpenVINO into one artifact."""
+    import kiln
+
+    pytest.importorskip("openvino")
+    out = tmp_path_factory.mktemp("ov") / "sd1"
+    kiln.export(tiny_models["sd1"], out, targets=["onnx", "openvino"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def loras(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Per preset: two LoRAs in diffusers format and the first also under kohya keys."""
+    pytest.importorskip("peft", reason="LoRA tests need the lora extra (PEFT)")
+    from lora_helpers import make_lora, to_kohya
+
+    out = {}
+    for preset in ("sd1", "sd2", "sdxl"):
+        root = tmp_path_factory.mktemp(f"lora-{preset}")
+        first = make_lora(tiny_models[preset], root / "a", seed=1)
+        second = make_lora(tiny_models[preset], root / "b", seed=2)
+        kohya = to_kohya(first, root / "a-kohya.safetensors", xl=preset == "sdxl")
+        out[preset] = {"a": first, "b": second, "a-kohya": kohya}
+    return out

@@ -6,6 +6,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+PROMPT = "a red cube on a table"
+#: The image settings LoRA tests compare at, in kiln's names and in diffusers'.
+SETTINGS = {"steps": 4, "width": 64, "height": 64, "seed": 3, "guidance_scale": 6.0}
+
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -66,3 +70,33 @@ def to_kohya(diffusers_file: Path, out: Path, xl: bool = False) -> Path:
             tensors[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
     save_file(tensors, str(out))
     return out
+
+
+def diffusers_pipeline(model_dir: Path, fused=()):
+    """The source pipeline in diffusers, each (file, scale) loaded and fused as diffusers does."""
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(model_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    if hasattr(pipeline, "watermark"):
+        pipeline.watermark = None
+    if hasattr(pipeline, "safety_checker"):
+        pipeline.safety_checker = None
+    for index, (path, scale) in enumerate(fused):
+        pipeline.load_lora_weights(str(path), adapter_name=f"ref_{index}")
+        pipeline.fuse_lora(lora_scale=scale, adapter_names=[f"ref_{index}"])
+        pipeline.unload_lora_weights()
+    return pipeline
+
+
+def diffusers_image(pipeline, prompt: str = PROMPT):
+    """diffusers' image at SETTINGS."""
+    with torch.inference_mode():
+        return pipeline(
+            prompt,
+            num_inference_steps=SETTINGS["steps"],
+            width=SETTINGS["width"],
+            height=SETTINGS["height"],
+            guidance_scale=SETTINGS["guidance_scale"],
+            generator=torch.Generator("cpu").manual_seed(SETTINGS["seed"]),
+        ).images[0]

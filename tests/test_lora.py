@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_user_error, run_kiln
-from lora_helpers import make_lora, to_kohya
+from lora_helpers import (
+    PROMPT,
+    SETTINGS,
+    diffusers_image,
+    diffusers_pipeline,
+)
 
 import kiln
 from kiln.bench.metrics import psnr
@@ -18,43 +23,7 @@ from kiln.models.sources import load_source
 
 pytest.importorskip("peft", reason="LoRA tests need the lora extra (PEFT)")
 
-PROMPT = "a red cube on a table"
 MIN_PSNR = 35.0
-
-
-def _pipeline(model_dir):
-    from diffusers import DiffusionPipeline
-
-    pipeline = DiffusionPipeline.from_pretrained(model_dir)
-    pipeline.set_progress_bar_config(disable=True)
-    if hasattr(pipeline, "watermark"):
-        pipeline.watermark = None
-    if hasattr(pipeline, "safety_checker"):
-        pipeline.safety_checker = None
-    return pipeline
-
-
-@pytest.fixture(scope="module")
-def loras(tiny_models, tmp_path_factory):
-    """Per preset: two LoRAs in diffusers format and the first also under kohya keys."""
-    out = {}
-    for preset in ("sd1", "sd2", "sdxl"):
-        root = tmp_path_factory.mktemp(f"lora-{preset}")
-        first = make_lora(tiny_models[preset], root / "a", seed=1)
-        second = make_lora(tiny_models[preset], root / "b", seed=2)
-        kohya = to_kohya(first, root / "a-kohya.safetensors", xl=preset == "sdxl")
-        out[preset] = {"a": first, "b": second, "a-kohya": kohya}
-    return out
-
-
-def _reference_weights(model_dir, fused):
-    """The UNet's and text encoders' weights after diffusers fuses each (file, scale)."""
-    pipeline = _pipeline(model_dir)
-    for index, (path, scale) in enumerate(fused):
-        pipeline.load_lora_weights(str(path), adapter_name=f"ref_{index}")
-        pipeline.fuse_lora(lora_scale=scale, adapter_names=[f"ref_{index}"])
-        pipeline.unload_lora_weights()
-    return pipeline
 
 
 def _state(pipeline, name):
@@ -66,8 +35,8 @@ def _state(pipeline, name):
 def test_fused_weights_equal_diffusers_fuse_lora(tiny_models, loras, preset, kind):
     model = load_source(tiny_models[preset])
     model.fuse_loras([LoraFile(loras[preset][kind], 0.8)])
-    reference = _reference_weights(tiny_models[preset], [(loras[preset]["a"], 0.8)])
-    base = _pipeline(tiny_models[preset])
+    reference = diffusers_pipeline(tiny_models[preset], [(loras[preset]["a"], 0.8)])
+    base = diffusers_pipeline(tiny_models[preset])
     names = ["unet", "text_encoder"] + (["text_encoder_2"] if preset == "sdxl" else [])
     for name in names:
         ours, want, before = (_state(p, name) for p in (model.pipeline, reference, base))
@@ -93,31 +62,18 @@ def fused_artifact(tiny_models, loras, tmp_path_factory):
     return out
 
 
-def _diffusers_image(pipeline):
-    """diffusers' image at the settings of the test below."""
-    with torch.inference_mode():
-        return pipeline(
-            PROMPT,
-            num_inference_steps=4,
-            width=64,
-            height=64,
-            guidance_scale=6.0,
-            generator=torch.Generator("cpu").manual_seed(3),
-        ).images[0]
-
-
 @pytest.mark.slow
-def test_two_loras_fused_at_export_give_diffusers_image(tiny_models, loras, fused_artifact):
-    settings = {"steps": 4, "width": 64, "height": 64, "seed": 3, "guidance_scale": 6.0}
+def test_two_loras_fused_at_export_givediffusers_image(tiny_models, loras, fused_artifact):
+    settings = SETTINGS
     ours = kiln.load(fused_artifact).generate(PROMPT, **settings).image
-    reference = _reference_weights(
+    reference = diffusers_pipeline(
         tiny_models["sd1"], [(loras["sd1"]["a"], 0.8), (loras["sd1"]["b"], -0.5)]
     )
-    want = _diffusers_image(reference)
+    want = diffusers_image(reference)
     again = kiln.load(fused_artifact).generate(PROMPT, **settings).image
     assert psnr(ours, want) >= MIN_PSNR
     assert np.array_equal(np.asarray(ours), np.asarray(again))  # deterministic
-    unfused = _diffusers_image(_pipeline(tiny_models["sd1"]))
+    unfused = diffusers_image(diffusers_pipeline(tiny_models["sd1"]))
     assert psnr(ours, unfused) < psnr(ours, want) - 3  # the LoRAs changed the picture
 
 

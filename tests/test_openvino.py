@@ -14,13 +14,6 @@ pytest.importorskip("openvino")
 PROMPT = "a photo of an astronaut riding a horse"
 
 
-@pytest.fixture(scope="module")
-def both_targets(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ov") / "sd1"
-    kiln.export(tiny_models["sd1"], out, targets=["onnx", "openvino"])
-    return out
-
-
 def test_both_targets_share_one_manifest_with_parity(both_targets):
     manifest = read_manifest(both_targets)
     ids = set(manifest.variant_ids())

@@ -338,6 +338,16 @@ def generate(
         list[str] | None,
         typer.Option(help="Drift budget METRIC=LIMIT, e.g. psnr=25 (repeatable)."),
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="LoRA FILE[:SCALE] (safetensors) switched on at load, no re-export (repeatable)."
+        ),
+    ] = None,
+    embedding: Annotated[
+        list[Path] | None,
+        typer.Option(help="Textual-inversion embedding (safetensors); its token is the file stem."),
+    ] = None,
     plan_only: Annotated[bool, typer.Option(help="Print the plan and exit.")] = False,
 ) -> None:
     """Generate images with a compiled Stable Diffusion artifact."""
@@ -354,10 +364,23 @@ def generate(
         target_profile=target_profile,
         objective=objective,
         drift_budget=max_drift or None,
+        loras=lora or None,
+        embeddings=embedding or (),
     )
     if plan_only:
         console.print(_plan_table(deployment.plan))
         return
+    if lora or embedding:
+        switch = deployment.weight_switch
+        named = [f"{x.path.name} x {x.scale:g}" for x in switch.loras]
+        named += [f"<{e.token}>" for e in switch.embeddings]
+        counts = ", ".join(f"{c}: {n}" for c, n in switch.changed.items())
+        console.print(
+            f"LoRA / embeddings at load: {', '.join(named)} ({counts} weights) "
+            f"in {switch.seconds:.2f} s",
+            highlight=False,
+            markup=False,
+        )
     with progress_bar() as progress:
         task = progress.add_task("denoising", total=steps)
         result = deployment.generate(
@@ -685,6 +708,15 @@ def inspect(
             highlight=False,
             markup=False,
         )
+    switchable = [
+        v.id for v in manifest.variants if any(f.path.endswith("/weights.json") for f in v.files)
+    ]
+    if switchable:
+        console.print(
+            f"LoRAs at load (weight map recorded): {', '.join(switchable)} and their fp16/bf16 "
+            "variants",
+            highlight=False,
+        )
     console.print(_variants_table(manifest))
     for line in _version_lines(manifest.variants):
         console.print(line)
@@ -849,6 +881,12 @@ def serve(
     prefer: Annotated[list[str] | None, typer.Option(help="Preferred variants.")] = None,
     require: Annotated[list[str] | None, typer.Option(help="Required variants.")] = None,
     objective: Annotated[str, typer.Option(help="latency, throughput or memory.")] = "latency",
+    lora_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of LoRA .safetensors files that prompts name as <lora:NAME:0.8>."
+        ),
+    ] = None,
     ray: Annotated[
         bool, typer.Option("--ray", help="Deploy as a Ray Serve application (kiln[ray]).")
     ] = False,
@@ -902,7 +940,10 @@ def serve(
         require=tuple(require or ()),
         objective=objective,
         grace=grace,
+        lora_dir=lora_dir.resolve() if lora_dir is not None else None,
     )
+    if lora_dir is not None and not lora_dir.is_dir():
+        raise InvalidRequestError(f"--lora-dir {lora_dir} is not a folder")
     ray_flags = replicas is not None or autoscale is not None or ray_address is not None
     if not ray and ray_flags:
         raise InvalidRequestError("--replicas, --autoscale and --ray-address need --ray")

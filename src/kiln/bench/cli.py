@@ -114,6 +114,13 @@ def run(
     record: Annotated[
         bool, typer.Option(help="Write the measured latencies into the artifact's manifest.")
     ] = False,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Stable Diffusion: LoRA FILE[:SCALE] every variant runs with, switched on at "
+            "load (the torch baseline fuses it with diffusers). Repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Benchmark OUT's variants and PyTorch baselines on one workload."""
     from kiln.artifacts import read_manifest
@@ -135,6 +142,7 @@ def run(
         "max_new_tokens": max_new_tokens,
         "num_beams": num_beams,
         "force_tokens": force_tokens,
+        "loras": lora,
     }
     plan = family_workload(family, manifest, **options)
     interrupted = False

@@ -9,7 +9,7 @@ live in their own module with the same shape, registered in `kiln.bench.harness.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,10 @@ class ArtifactRunner:
         devices = {s.device for s in self.deployment.sessions.values()}
         self.device = ",".join(sorted(devices))
 
+    def apply_loras(self, loras: Sequence[tuple[str, float]]) -> None:
+        """Switched on at load, as `kiln generate --lora` does (no re-export)."""
+        self.deployment.set_loras(dict(loras))
+
     def describe(self) -> str:
         runtimes = sorted({c.runtime for c in self.deployment.plan.choices})
         return f"kiln artifact on {', '.join(runtimes)} ({self.device})"
@@ -148,6 +152,17 @@ class TorchRunner:
         pipeline.unet.forward = self.timer.wrap(UNET, pipeline.unet.forward)
         pipeline.vae.decode = self.timer.wrap(VAE_DECODER, pipeline.vae.decode)
         self.pipeline = pipeline
+
+    def apply_loras(self, loras: Sequence[tuple[str, float]]) -> None:
+        """Fused by diffusers (`load_lora_weights` + `fuse_lora`), as a PyTorch user would."""
+        from kiln.models.lora import LoraFile, fuse_loras
+
+        if self.compiled:
+            raise InvalidRequestError(
+                "the torch-compile baseline does not take LoRAs; use the torch baseline"
+            )
+        files = [LoraFile(Path(path), scale) for path, scale in loras]
+        fuse_loras(self.pipeline, files, str(self.model_info.get("architecture")))
 
     def source_folder(self) -> str:
         if self.source.get("kind") == "folder":
@@ -281,7 +296,7 @@ def build_workload(manifest: Any, **options: Any) -> Any:
     """
     from kiln.bench import workload
 
-    known = {"file", "sizes", "steps", "batch", "repeats", "warmup", "seed"}
+    known = {"file", "sizes", "steps", "batch", "repeats", "warmup", "seed", "loras"}
     given = sorted(k for k, v in options.items() if k not in known and v not in (None, [], ()))
     if given:
         raise InvalidRequestError(

@@ -149,6 +149,10 @@ def run(request: dict[str, Any]) -> int:
     started = time.perf_counter()
     runner.load()
     result["load_s"] = time.perf_counter() - started
+    if getattr(workload, "loras", ()):
+        started = time.perf_counter()
+        runner.apply_loras(workload.loras)
+        result["lora_s"] = time.perf_counter() - started
     result["description"] = runner.describe()
     result["plan"] = runner.plan()
     result["size_on_disk"] = list(runner.size_on_disk())

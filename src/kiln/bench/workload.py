@@ -74,6 +74,7 @@ class Workload:
     seed: int = 0
     guidance_scale: float = 7.5
     scheduler: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale) switched on at load
     file: str | None = field(default=None, compare=False)
 
     def calls(self) -> int:
@@ -94,6 +95,7 @@ class Workload:
             "seed": self.seed,
             "guidance_scale": self.guidance_scale,
             "scheduler": self.scheduler,
+            "loras": [list(lora) for lora in self.loras],
             "file": self.file,
         }
 
@@ -108,8 +110,21 @@ class Workload:
             seed=int(data["seed"]),
             guidance_scale=float(data["guidance_scale"]),
             scheduler=data.get("scheduler"),
+            loras=tuple((str(f), float(s)) for f, s in data.get("loras", ())),
             file=data.get("file"),
         )
+
+
+def _lora_pairs(texts: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    from kiln.models.lora import LoraFile
+
+    pairs = []
+    for text in texts:
+        lora = LoraFile.parse(str(text))
+        if not lora.path.is_file():
+            raise InvalidRequestError(f"LoRA file {lora.path} does not exist")
+        pairs.append((str(lora.path.resolve()), lora.scale))
+    return tuple(pairs)
 
 
 def parse_size(text: str | int | Sequence[int]) -> tuple[int, int]:
@@ -165,6 +180,7 @@ def read_workload_file(path: str | Path, known: set[str] | None = None) -> dict[
         "seed",
         "guidance_scale",
         "scheduler",
+        "loras",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -184,8 +200,12 @@ def build_workload(
     repeats: int | None = None,
     warmup: int | None = None,
     seed: int | None = None,
+    loras: Sequence[str] | None = None,
 ) -> Workload:
-    """Defaults, then the file, then explicit arguments (None or empty = not given)."""
+    """Defaults, then the file, then explicit arguments (None or empty = not given).
+
+    `loras` are `FILE[:SCALE]` strings: every artifact variant runs with them switched on at
+    load, the PyTorch baseline with diffusers' `load_lora_weights` + `fuse_lora`."""
     data = read_workload_file(file) if file is not None else {}
     size_values = list(sizes or data.get("sizes") and _as_list(data["sizes"]) or [default_size])
     step_values = list(steps or _as_list(data.get("steps", DEFAULT_STEPS)))
@@ -204,6 +224,7 @@ def build_workload(
         seed=int(data.get("seed", 0)),
         guidance_scale=float(data.get("guidance_scale", 7.5)),
         scheduler=data.get("scheduler"),
+        loras=_lora_pairs(loras or _as_list(data.get("loras", []))),
         file=str(file) if file is not None else None,
     )
     overrides = {

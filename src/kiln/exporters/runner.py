@@ -213,6 +213,7 @@ class _ComponentExport:
             for target in self.options.targets:
                 staged.append(_Staged(target, StagingFolder(self._final(target))))
                 self._export(module, staged[-1])
+                self._record_weight_map(model, module, staged[-1])
             del module
             model.release(self.spec.name)
             release_memory()
@@ -261,10 +262,22 @@ class _ComponentExport:
         item.entry, item.opset, item.exporter = exported.entry, exported.opset, exported.exporter
         self._event("exported", f"{item.target} in {item.seconds:.1f} s")
 
+    def _record_weight_map(self, model: LoadedModel, module, item: _Staged) -> None:
+        """Where each LoRA-able source weight went in the graph (for LoRAs at load)."""
+        from kiln.exporters.weight_map import record_weight_map
+
+        namespace = model.lora_namespace(self.spec.name)
+        if namespace is not None:
+            found = record_weight_map(module, namespace, item.target, item.staging.path, item.entry)
+            self._event("exported", f"{len(found.weights)} weights mapped for LoRAs at load")
+
     def _optimize(self, item: _Staged) -> None:
         from kiln.exporters.optimize import optimize_graph
+        from kiln.exporters.weight_map import WEIGHT_MAP_FILE
 
         result = optimize_graph(item.staging.path, item.entry, self.spec)
+        if result.kept:  # fusions pack weights (q, k, v into one): the map no longer holds
+            (item.staging.path / WEIGHT_MAP_FILE).unlink(missing_ok=True)
         item.options["graph_optimization"] = result.to_dict()
         self._event(
             "optimized", f"graph fusions {'kept' if result.kept else 'not kept'}: {result.reason}"

@@ -64,6 +64,10 @@ class LoadedModel(abc.ABC):
     def will_export(self, components: Sequence[str]) -> None:  # noqa: B027 - optional hook
         """The components this run exports, in order: weights only they need can go early."""
 
+    def lora_namespace(self, component: str) -> Any:
+        """The module whose parameter names LoRA files use for `component`, if it takes LoRAs."""
+        return None
+
     @abc.abstractmethod
     def model_info(self) -> dict[str, Any]:
         """Family-specific facts the runtime needs (architecture, scale factors, ...)."""

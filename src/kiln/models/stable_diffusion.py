@@ -386,6 +386,11 @@ class StableDiffusionModel(LoadedModel):
     def specs(self) -> dict[str, ComponentSpec]:
         return dict(self._specs)
 
+    def lora_namespace(self, component: str) -> torch.nn.Module | None:
+        if component in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
+            return getattr(self.pipeline, component, None)
+        return None
+
     def export_module(self, component: str) -> torch.nn.Module:
         return export_module(self.pipeline, component)
 

@@ -100,6 +100,8 @@ def load(
     drift_budget: Mapping[str, float] | Sequence[str] | None = None,
     verify: bool = True,
     guard: bool = True,
+    loras: Mapping[str, float] | Sequence[str] | None = None,
+    embeddings: Sequence[str | os.PathLike[str]] = (),
 ) -> Deployment:
     """Load an artifact folder: verify its files, pick variants for this machine, open them.
 
@@ -110,6 +112,9 @@ def load(
     `objective` is `"latency"` or `"memory"`; `drift_budget` maps metric to limit
     (`{"psnr": 25}` or `["psnr=25"]`, default `DEFAULT_DRIFT_BUDGET`).
     `guard` wraps reduced-precision components in the NaN guard (`kiln.runtimes.guard`).
+    Stable Diffusion only: `loras` (`{"FILE": 0.8}` or `["FILE:0.8"]`) are switched on at load
+    without re-export (`Deployment.set_loras` changes them later); `embeddings` are
+    textual-inversion files whose tokens (file key or stem) prompts may then use.
     A planned variant made with another torch, transformers, diffusers, onnxruntime or
     openvino than the installed one raises a `LibraryVersionWarning` naming both versions.
     """
@@ -146,7 +151,15 @@ def load(
     if manifest.family == "stable-diffusion":
         from kiln.pipelines.diffusion import DiffusionDeployment
 
-        return DiffusionDeployment(*args, deferred=deferred)
+        deployment = DiffusionDeployment(*args, deferred=deferred)
+        for embedding in embeddings:
+            deployment.load_textual_inversion(embedding)
+        deployment.set_loras(loras)
+        return deployment
+    if loras or embeddings:
+        raise InvalidRequestError(
+            f"LoRAs and embeddings are for Stable Diffusion; {root} holds a {manifest.family} model"
+        )
     if manifest.model_info.get("architecture") in RETRIEVAL_ARCHITECTURES:
         from kiln.pipelines.retrieval import RetrievalDeployment
 

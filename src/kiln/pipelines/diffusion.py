@@ -16,6 +16,7 @@ from typing import Any
 
 from kiln.artifacts import SUPPORT_DIR, read_json
 from kiln.errors import InvalidRequestError
+from kiln.models.lora import LoraFile, read_textual_inversion
 from kiln.models.stable_diffusion import (
     MAX_BATCH,
     TEXT_ENCODER,
@@ -27,6 +28,7 @@ from kiln.models.stable_diffusion import (
     DiffusionModelInfo,
 )
 from kiln.pipelines.deployment import Deployment
+from kiln.pipelines.lora_at_load import LoraRequest, WeightSwitch, lora_files
 from kiln.pipelines.options import take_aliases
 from kiln.pipelines.schedulers import canonical_name, make_scheduler
 
@@ -77,6 +79,51 @@ class DiffusionDeployment(Deployment):
         self._components = self._build_components()
         self._scheduler_config = dict(self._components["scheduler"].config)
         self._pipelines: dict[str, Any] = {}
+        self.weight_switch = WeightSwitch(self)
+
+    @property
+    def loras(self) -> tuple[LoraFile, ...]:
+        """The LoRAs applied at load now (none: the artifact's own weights)."""
+        return self.weight_switch.loras
+
+    def set_loras(self, loras: LoraRequest) -> None:
+        """Switch to exactly these LoRAs (`{"FILE": 0.8}`, `["FILE:0.8"]`; None: no LoRA).
+
+        Only the weights a LoRA touches are recomputed and handed to the runtimes; the same
+        set again costs nothing, and no LoRA gives back the stored weights exactly.
+        """
+        self._apply(lora_files(loras), self.weight_switch.embeddings)
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Add a textual-inversion embedding (safetensors); returns the token for prompts."""
+        embedding = read_textual_inversion(Path(path), token)
+        self._apply(self.weight_switch.loras, (*self.weight_switch.embeddings, embedding))
+        return embedding.token
+
+    def unload_textual_inversion(self) -> None:
+        self._apply(self.weight_switch.loras, ())
+
+    def _apply(self, loras: tuple[LoraFile, ...], embeddings: tuple) -> None:
+        from transformers import CLIPTokenizer
+
+        switch = self.weight_switch
+        if loras == switch.loras and embeddings == switch.embeddings:
+            return
+        support = self.root / SUPPORT_DIR
+        fresh = {}
+        if embeddings or switch.embeddings:
+            names = {TEXT_ENCODER: "tokenizer", TEXT_ENCODER_2: "tokenizer_2"}
+            fresh = {
+                encoder: CLIPTokenizer.from_pretrained(support / name)
+                for encoder, name in names.items()
+                if name in self._components
+            }
+        switch.apply(loras, embeddings, fresh)
+        if fresh:  # the pipelines hold the old tokenizers
+            self._components["tokenizer"] = fresh[TEXT_ENCODER]
+            if TEXT_ENCODER_2 in fresh:
+                self._components["tokenizer_2"] = fresh[TEXT_ENCODER_2]
+            self._pipelines.clear()
 
     def _build_components(self) -> dict[str, Any]:
         from diffusers import AutoencoderKL, UNet2DConditionModel

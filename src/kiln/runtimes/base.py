@@ -7,7 +7,7 @@ a session back into the module a diffusers or transformers pipeline expects.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +47,22 @@ class Session(abc.ABC):
             name: torch.from_numpy(np.ascontiguousarray(out))
             for name, out in self.run(arrays).items()
         }
+
+    def stored_weights(self, names: Collection[str]) -> dict[str, np.ndarray]:
+        """The named graph weights as stored (float32), read from the files, not the runtime."""
+        raise InvalidRequestError(
+            f"{self.spec.name} runs on {self.runtime}, which cannot take new weights at load"
+        )
+
+    def replace_weights(self, values: Mapping[str, np.ndarray]) -> None:
+        """Run with these graph weights instead of the stored ones (LoRAs switched at load).
+
+        Each call replaces the previous one's values; `{}` restores the stored weights exactly.
+        The rest of the model stays as loaded.
+        """
+        raise InvalidRequestError(
+            f"{self.spec.name} runs on {self.runtime}, which cannot take new weights at load"
+        )
 
     def release_memory(self) -> None:  # noqa: B027 (a no-op where a runtime keeps none)
         """Free scratch memory kept between calls; the next call allocates it again."""

@@ -9,7 +9,7 @@ count of rerun calls is kept on the session and reported by `Deployment.nan_fall
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ class GuardedSession(Session):
         self.variant_id, self.fallback_id = variant_id, fallback_id
         self._open_fallback = open_fallback
         self._fallback: Session | None = None
+        self._replaced: Mapping[str, np.ndarray] = {}
         self.fallback_calls = 0
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -47,8 +48,20 @@ class GuardedSession(Session):
                 self.fallback_id,
             )
             self._fallback = self._open_fallback()
+            if self._replaced:
+                self._fallback.replace_weights(self._replaced)
         self.fallback_calls += 1
         return self._fallback.run(inputs)
+
+    def stored_weights(self, names: Collection[str]) -> dict[str, np.ndarray]:
+        return self.inner.stored_weights(names)
+
+    def replace_weights(self, values: Mapping[str, np.ndarray]) -> None:
+        """The fallback (same target: same weight names) gets the same values when it opens."""
+        self.inner.replace_weights(values)
+        self._replaced = dict(values)
+        if self._fallback is not None:
+            self._fallback.replace_weights(values)
 
     def release_memory(self) -> None:
         self.inner.release_memory()

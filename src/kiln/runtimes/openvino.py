@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,7 @@ class OpenVinoSession(Session):
             cache_dir().mkdir(parents=True, exist_ok=True)
             settings["CACHE_DIR"] = str(cache_dir())
         self._core, self._path = core, str(model_path)
+        self._replaced: Mapping[str, np.ndarray] = {}
         self.spec = spec
         self.device = device
         self.settings = settings
@@ -128,21 +129,42 @@ class OpenVinoSession(Session):
         """An infer request on the dynamic model, or on a copy reshaped to fixed `shapes`."""
         try:
             model = self._core.read_model(self._path)
+            if self._replaced:
+                _replace_constants(model, self._replaced)
             if shapes:
                 model.reshape({name: list(shape) for name, shape in shapes.items()})
-            cache = Path(self.settings["CACHE_DIR"]) if "CACHE_DIR" in self.settings else None
+            settings = dict(self.settings)
+            if self._replaced:  # a blob per LoRA combination would only fill the cache
+                settings.pop("CACHE_DIR", None)
+            cache = Path(settings["CACHE_DIR"]) if "CACHE_DIR" in settings else None
             before = set(cache.iterdir()) if cache else set()
-            compiled = self._core.compile_model(model, self.device, self.settings)
+            compiled = self._core.compile_model(model, self.device, settings)
             if cache is not None and (made := set(cache.iterdir()) - before):
                 prune_cache(cache, cache_limit_bytes(), keep=made)
                 # Imported from its new blob, the same model runs in less memory than as
                 # compiled from the IR (SD 1.5 int8 plan peak 3.03 -> 2.71 GiB) for ~2 s.
                 del compiled
-                compiled = self._core.compile_model(model, self.device, self.settings)
+                compiled = self._core.compile_model(model, self.device, settings)
             return compiled.create_infer_request()
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"OpenVINO cannot load {self._path}: {message}") from None
+
+    def stored_weights(self, names: Collection[str]) -> dict[str, np.ndarray]:
+        constants = _constants(self._core.read_model(self._path), names, self._path)
+        return {name: node.get_data().astype(np.float32) for name, node in constants.items()}
+
+    def replace_weights(self, values: Mapping[str, np.ndarray]) -> None:
+        """Recompile from the IR with these constants replaced (compiled blobs are not cached)."""
+        previous, self._replaced = self._replaced, dict(values)
+        try:
+            request = self._compile(None)
+        except ArtifactError:
+            self._replaced = previous
+            raise
+        self._request, self._queue = request, None
+        self._static.clear()
+        self._seen.clear()
 
     def _request_for(self, feed: Mapping[str, np.ndarray]) -> Any:
         """Static shapes run faster on OpenVINO; compile one for a shape seen a second time.
@@ -237,3 +259,32 @@ def _splittable(spec: ComponentSpec) -> bool:
 
     tensors = (*spec.inputs, *spec.outputs)
     return bool(tensors) and all(leading(t.shape) == "batch" for t in tensors)
+
+
+def _constants(model: Any, names: Collection[str], path: str) -> dict[str, Any]:
+    """The named weight constants; for weights stored fp16, the constant behind the Convert."""
+    found = {}
+    for node in model.get_ops():
+        name = node.get_friendly_name()
+        if name not in names:
+            continue
+        if node.get_type_name() == "Convert":
+            node = node.input_value(0).get_node()
+        if node.get_type_name() != "Constant" or not node.get_element_type().is_real():
+            raise ArtifactError(f"{path}: weight {name} is not a float constant")
+        found[name] = node
+    missing = sorted(set(names) - set(found))
+    if missing:
+        raise ArtifactError(f"{path} has no weight {missing[0]!r}")
+    return found
+
+
+def _replace_constants(model: Any, values: Mapping[str, np.ndarray]) -> None:
+    import openvino as ov
+
+    for name, node in _constants(model, values, "the model").items():
+        dtype = node.get_data().dtype
+        fresh = ov.op.Constant(np.ascontiguousarray(values[name], dtype=dtype))
+        fresh.set_friendly_name(name)
+        for target in list(node.output(0).get_target_inputs()):
+            target.replace_source_output(fresh.output(0))

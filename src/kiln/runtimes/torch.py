@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class TorchSession(Session):
         self.compute_dtype = COMPUTE_DTYPES.get(stored.storage, torch.float32)
         self.module = module if device == "cpu" else module.to(device)
         self._parameters = inspect.signature(self.module.forward).parameters
+        self._originals: dict[str, torch.Tensor] = {}  # stored values of replaced weights
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arguments = [self._argument(name, inputs) for name in self.spec.input_names]
@@ -93,6 +94,36 @@ class TorchSession(Session):
             name: tensor.detach().to("cpu", torch.float32).numpy()
             for name, tensor in zip(self.spec.output_names, raw, strict=True)
         }
+
+    def stored_weights(self, names: Collection[str]) -> dict[str, np.ndarray]:
+        params = self._weights(names)
+        return {
+            name: self._originals.get(name, param.data).to("cpu", torch.float32).numpy().copy()
+            for name, param in params.items()
+        }
+
+    def replace_weights(self, values: Mapping[str, np.ndarray]) -> None:
+        """Swap parameter data in place; the stored tensors are kept for an exact restore."""
+        params = self._weights([*values, *self._originals])
+        for name in [n for n in self._originals if n not in values]:
+            params[name].data = self._originals.pop(name)
+        for name, value in values.items():
+            original = self._originals.setdefault(name, params[name].data)
+            params[name].data = torch.from_numpy(np.asarray(value, dtype=np.float32)).to(
+                original.device, original.dtype
+            )
+
+    def _weights(self, names: Collection[str]) -> dict[str, torch.nn.Parameter]:
+        if self.storage in QUANTIZED_STORAGES:
+            raise InvalidRequestError(
+                f"{self.spec.name} is stored {self.storage}; only fp32, fp16 and bf16 weights "
+                "can change at load"
+            )
+        params = dict(self.module.named_parameters())
+        missing = sorted(set(names) - set(params))
+        if missing:
+            raise ArtifactError(f"{self.path} has no weight {missing[0]!r}")
+        return {name: params[name] for name in names}
 
     def _argument(self, name: str, inputs: Mapping[str, np.ndarray]) -> torch.Tensor | None:
         if name not in inputs:

@@ -187,6 +187,12 @@ async def sd_models(request: Request) -> list[dict[str, Any]]:
     ]
 
 
+@router.get("/loras")
+async def loras(request: Request) -> list[dict[str, Any]]:
+    registry, _ = _state(request)
+    return registry.loras.describe()
+
+
 @router.get("/samplers")
 async def samplers() -> list[dict[str, Any]]:
     aliases: dict[str, list[str]] = {name: [name] for name in SCHEDULERS}

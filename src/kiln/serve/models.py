@@ -19,6 +19,7 @@ from typing import Any
 from kiln.artifacts import read_manifest
 from kiln.errors import InvalidRequestError, KilnError
 from kiln.serve.jobs import Job, JobBoard, JobQueue, JobState
+from kiln.serve.loras import LoraLibrary
 from kiln.serve.settings import ServeSettings
 
 log = logging.getLogger("kiln.serve")
@@ -65,6 +66,7 @@ class ModelRegistry:
         if not self.models:
             raise InvalidRequestError("kiln serve needs at least one artifact folder")
         self.board = JobBoard()
+        self.loras = LoraLibrary(settings.lora_dir)
         self.default_diffusion = next(iter(self.named(DIFFUSION)), None)
         self.started = time.time()
         self.ready_seconds: float | None = None
@@ -203,6 +205,8 @@ class ModelRegistry:
 
         job = jobs[0]
         params = dict(job.params)
+        params["prompt"], loras = self.loras.take_tags(params["prompt"])
+        model.deployment.set_loras(loras)  # a job without tags runs on the stored weights
         iterations, base_seed = params.pop("n_iter", 1), params.pop("seed")
         steps = params.get("steps", 25)
         prompts = 1 if isinstance(params["prompt"], str) else len(params["prompt"])

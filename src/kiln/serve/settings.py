@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_PORT = 7860  # AUTOMATIC1111's, so its clients find kiln where they look
 
@@ -24,6 +25,7 @@ class ServeSettings:
     objective: str = "latency"
     batch_window: float = 0.02  # seconds a caption waits for neighbours to batch with
     grace: float = 30.0  # seconds running jobs get to finish on SIGTERM
+    lora_dir: Path | None = None  # LoRA files named by <lora:name:scale> in prompts
 
     @property
     def max_body_bytes(self) -> int:
