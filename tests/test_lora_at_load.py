@@ -128,6 +128,9 @@ def test_cast_variants_take_loras_and_int8_refuses(both_targets, loras, referenc
     for variant in ("onnx:fp16", "openvino:fp16"):
         deployment = kiln.load(copy, require=f"unet={variant}", loras=lora)
         assert psnr(_generate(deployment), want) >= MIN_PSNR, variant
+    planned = kiln.load(copy, require="onnx", loras=lora).plan["unet"]
+    assert planned.precision in ("fp32", "fp16")
+    assert ("unet/onnx/int8", "int8 weights cannot take LoRAs at load") in planned.rejected
     with pytest.raises(InvalidRequestError, match="int8 weights cannot take a LoRA"):
         kiln.load(copy, require="unet=onnx:int8", loras=lora)
     result = run_kiln(
@@ -221,3 +224,116 @@ def test_lora_at_load_refusals(both_targets, loras, served_blip, tmp_path):
     assert deployment.loras == () and deployment.weight_switch.embeddings == ()
     with pytest.raises(InvalidRequestError, match="LoRAs and embeddings are for Stable Diffusion"):
         kiln.load(served_blip["blip"], loras=[str(loras["sd1"]["a"])])
+
+
+def test_prompt_tags_name_loras_in_the_folder(tmp_path):
+    from kiln.serve.loras import LoraLibrary
+
+    (tmp_path / "styles").mkdir()
+    for name in ("style", "styles/ink"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    library = LoraLibrary(tmp_path)
+    prompt, chosen = library.take_tags("a cube <lora:style:0.8>, <lora:ink> <LORA:style:0.2>")
+    assert prompt == "a cube"
+    assert chosen == {
+        str(tmp_path / "style.safetensors"): 1.0,
+        str(tmp_path / "styles/ink.safetensors"): 1.0,
+    }
+    assert library.take_tags(["a <lora:ink:0.5>", "b <lora:ink:0.5>"])[0] == ["a", "b"]
+    assert library.take_tags("no tags") == ("no tags", {})
+    for text, fragment in (
+        ("<lora:nope>", "no LoRA named 'nope'"),
+        ("<lora:ink:lots>", "must be a number"),
+        ("<lora:ink:1:0.5>", "give one multiplier"),
+    ):
+        with pytest.raises(InvalidRequestError, match=fragment):
+            library.take_tags(text)
+    with pytest.raises(InvalidRequestError, match="same <lora"):
+        library.take_tags(["a <lora:ink>", "b"])
+    with pytest.raises(InvalidRequestError, match="no --lora-dir"):
+        LoraLibrary(None).take_tags("a <lora:ink>")
+
+
+def test_torch_variants_switch_loras_in_place(tiny_models, loras, reference_images, tmp_path):
+    out = tmp_path / "sd1-torch"
+    kiln.export(tiny_models["sd1"], out, targets=["torch"])
+    deployment = kiln.load(out, require="torch:fp32")
+    base = np.asarray(_generate(deployment))
+    deployment.set_loras({str(loras["sd1"]["a-kohya"]): 0.8})
+    assert psnr(_generate(deployment), reference_images("sd1", ("a", 0.8))) >= MIN_PSNR
+    deployment.set_loras(None)
+    assert np.array_equal(np.asarray(_generate(deployment)), base)
+
+
+def test_bench_measures_with_the_lora_switched_on(both_targets, loras, tmp_path):
+    from kiln.bench.harness import run_bench
+    from kiln.bench.schema import validation_errors
+    from kiln.bench.workload import build_workload
+
+    workload = build_workload(
+        64, steps=[2], repeats=1, warmup=0, loras=[f"{loras['sd1']['a']}:0.8"]
+    )
+    report = run_bench(both_targets, variants=["onnx:fp32"], baselines=["torch"], workload=workload)
+    assert validation_errors(report) == []
+    assert report["workload"]["loras"] == [[str(loras["sd1"]["a"].resolve()), 0.8]]
+    for variant in report["variants"]:
+        assert variant["status"] == "ok", variant["reason"]
+        assert variant["figures"]["lora_switch_s"]["value"] > 0
+    onnx = next(v for v in report["variants"] if v["id"] == "onnx:fp32")
+    assert onnx["cases"][0]["figures"]["drift_psnr_db"]["value"] >= MIN_PSNR
+
+
+@pytest.fixture(scope="module")
+def sd2_and_xl(tiny_models, tmp_path_factory):
+    out = {}
+    for preset in ("sd2", "sdxl"):
+        out[preset] = tmp_path_factory.mktemp(f"at-load-{preset}") / preset
+        kiln.export(tiny_models[preset], out[preset], targets=RUNTIMES)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["sd2", "sdxl"])
+def test_sd2_and_xl_loras_at_load_give_diffusers_image(sd2_and_xl, loras, reference_images, preset):
+    want = reference_images(preset, ("a", 0.8))
+    for runtime in RUNTIMES:
+        deployment = kiln.load(sd2_and_xl[preset], require=f"{runtime}:fp32")
+        base = np.asarray(_generate(deployment))
+        for kind in ("a", "a-kohya"):
+            deployment.set_loras({str(loras[preset][kind]): 0.8})
+            ours = _generate(deployment)
+            assert psnr(ours, want) >= MIN_PSNR, (runtime, kind)
+            assert psnr(ours, reference_images(preset)) < psnr(ours, want) - 3
+        deployment.set_loras(None)
+        assert np.array_equal(np.asarray(_generate(deployment)), base), runtime
+
+
+@pytest.mark.slow
+def test_xl_textual_inversion_fills_both_token_tables(sd2_and_xl, tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    support = sd2_and_xl["sdxl"] / SUPPORT_DIR
+    widths = {
+        key: json.loads((support / name / "config.json").read_text())["hidden_size"]
+        for key, name in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"))
+    }
+    generator = torch.Generator().manual_seed(1)
+    path = tmp_path / "kilnstyle.safetensors"
+    save_file(
+        {k: torch.randn(2, w, generator=generator) * 0.5 for k, w in widths.items()}, str(path)
+    )
+    prompt = "a kilnstyle cube"
+    ours = _generate(kiln.load(sd2_and_xl["sdxl"], embeddings=[path]), prompt)
+    pipeline = diffusers_pipeline(tiny_models["sdxl"])
+    plain = diffusers_image(pipeline, prompt)
+    state = load_file(str(path))
+    for key, encoder, tokenizer in (
+        ("clip_l", pipeline.text_encoder, pipeline.tokenizer),
+        ("clip_g", pipeline.text_encoder_2, pipeline.tokenizer_2),
+    ):
+        pipeline.load_textual_inversion(
+            state[key], token="kilnstyle", text_encoder=encoder, tokenizer=tokenizer
+        )
+    want = diffusers_image(pipeline, prompt)
+    assert psnr(ours, want) >= MIN_PSNR
+    assert psnr(ours, plain) < psnr(ours, want) - 3

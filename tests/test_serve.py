@@ -26,8 +26,19 @@ LONG = {"prompt": "a slow one", "steps": 200, "width": 128, "height": 128, "seed
 
 
 @pytest.fixture(scope="module")
-def server(artifacts, served_blip):
+def lora_dir(loras, tmp_path_factory):
+    """A folder of LoRA files as A1111 keeps them: `<lora:style:0.8>` names style.safetensors."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("loras")
+    shutil.copy(loras["sd1"]["a"], folder / "style.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, served_blip, lora_dir):
     options = ["--max-queue", "2", "--max-body-mb", "4", "--max-steps", "200", "--timeout", "120"]
+    options += ["--lora-dir", lora_dir]
     paths = [artifacts["sd1"], served_blip["blip"], served_blip["blip-itm"]]
     running = Server(paths, *options, key=KEY)
     yield running
@@ -80,6 +91,27 @@ def test_txt2img_through_webuiapi_gives_the_image_kiln_generate_gives(server, a1
         scheduler="Euler a",
     )
     assert np.array_equal(np.asarray(result.images[0].convert("RGB")), np.asarray(local.image))
+
+
+def test_lora_tags_in_the_prompt_switch_loras_per_request(server, a1111, artifacts, lora_dir):
+    settings = {"steps": 3, "width": 64, "height": 64, "seed": 11, "cfg_scale": 6.0}
+    tagged = a1111.txt2img(prompt="a red cube <lora:style:0.8>", **settings).images[0]
+    plain = a1111.txt2img(prompt="a red cube", **settings).images[0]
+    local = {"steps": 3, "width": 64, "height": 64, "seed": 11, "guidance_scale": 6.0}
+    with_lora = kiln.load(artifacts["sd1"], loras={str(lora_dir / "style.safetensors"): 0.8})
+    want = with_lora.generate("a red cube", scheduler="Euler a", **local).image
+    base = kiln.load(artifacts["sd1"]).generate("a red cube", scheduler="Euler a", **local).image
+    assert np.array_equal(np.asarray(tagged.convert("RGB")), np.asarray(want))
+    assert np.array_equal(np.asarray(plain.convert("RGB")), np.asarray(base))
+    assert not np.array_equal(np.asarray(want), np.asarray(base))
+    with server.client() as client:
+        listed = client.get("/sdapi/v1/loras").json()
+        assert [entry["name"] for entry in listed] == ["style"]
+        missing = client.post(
+            "/sdapi/v1/txt2img",
+            json={"prompt": "x <lora:nope:1>", "steps": 1, "width": 64, "height": 64},
+        )
+    assert missing.status_code == 422 and "no LoRA named 'nope'" in missing.text, missing.text
 
 
 def test_seed_minus_one_picks_and_reports_a_seed_that_reproduces(a1111):

@@ -519,6 +519,8 @@ def build_report(
         }
         if data.get("vram_sources"):
             figures["peak_vram_bytes"]["sources"] = data["vram_sources"]
+        if getattr(workload, "loras", ()):  # switched on at load (artifact) or fused (torch)
+            figures["lora_switch_s"] = _figure(data.get("lora_s"), "s", vfp, missing)
         cases = []
         for case in workload.cases:
             case_data = data.get("cases", {}).get(case.id)

@@ -1,12 +1,14 @@
-"""LoRA files fused into a Stable Diffusion pipeline before export (`kiln export --lora`).
+"""LoRA and textual-inversion files: read, checked, and fused or turned into weight deltas.
 
 The files people have: kohya / AUTOMATIC1111 (`lora_unet_...`, `lora_te_...` or
 `lora_te1_`/`lora_te2_` for XL, with `alpha`) and diffusers / PEFT
 (`pytorch_lora_weights.safetensors`: `unet.` / `text_encoder.` keys), for SD 1.x, 2.x and
 XL. diffusers' own loader reads both (it converts kohya keys); kiln reads the file itself
-(safetensors only: pickles are refused as everywhere in kiln), checks that the LoRA fits the
-model, fuses it at its scale (W + scale * B A, one LoRA after the other) and drops the LoRA
-layers, so every exporter and quantizer sees plain fused weights.
+(safetensors only: pickles are refused as everywhere in kiln) and checks that the LoRA fits
+the model. `fuse_loras` bakes LoRAs into a source pipeline before export (W + scale * B A,
+one after the other); `lora_deltas` gives the changes alone, for LoRAs switched on a loaded
+artifact (`kiln.pipelines.lora_at_load`). Textual-inversion embeddings: A1111
+(`emb_params`), SDXL (`clip_l` / `clip_g`) and diffusers' one-token files.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import SourceError, UnsupportedModelError
+from kiln.models.spec import Precision
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
@@ -141,6 +144,8 @@ def _first_problem(exc: BaseException) -> str:
 
 #: The pipeline components a LoRA can touch, as diffusers names them.
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: Variants whose weights a LoRA can change at load; quantized ones hold no plain weights.
+SWITCHABLE_PRECISIONS = frozenset({Precision.FP32, Precision.FP16, Precision.BF16})
 
 
 def lora_deltas(support: Path, path: Path) -> dict[str, dict[str, Any]]:

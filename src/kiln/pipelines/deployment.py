@@ -12,6 +12,7 @@ from typing import Any
 
 from kiln.artifacts import Manifest, Variant, read_manifest, verify_files
 from kiln.errors import ArtifactError, InvalidRequestError
+from kiln.models.lora import LORA_COMPONENTS
 from kiln.models.spec import ComponentSpec, Precision
 from kiln.profiles.hardware import HardwareProfile, detect
 from kiln.profiles.select import Plan, Policy, select
@@ -102,6 +103,7 @@ def load(
     guard: bool = True,
     loras: Mapping[str, float] | Sequence[str] | None = None,
     embeddings: Sequence[str | os.PathLike[str]] = (),
+    switch_loras: bool = False,
 ) -> Deployment:
     """Load an artifact folder: verify its files, pick variants for this machine, open them.
 
@@ -114,7 +116,9 @@ def load(
     `guard` wraps reduced-precision components in the NaN guard (`kiln.runtimes.guard`).
     Stable Diffusion only: `loras` (`{"FILE": 0.8}` or `["FILE:0.8"]`) are switched on at load
     without re-export (`Deployment.set_loras` changes them later); `embeddings` are
-    textual-inversion files whose tokens (file key or stem) prompts may then use.
+    textual-inversion files whose tokens (file key or stem) prompts may then use. Either, or
+    `switch_loras=True` (LoRAs to come, as a server with a LoRA folder), plans only variants
+    whose weights can change at load (fp32, fp16, bf16) for the UNet and text encoders.
     A planned variant made with another torch, transformers, diffusers, onnxruntime or
     openvino than the installed one raises a `LibraryVersionWarning` naming both versions.
     """
@@ -124,6 +128,8 @@ def load(
     if not manifest.variants:
         raise ArtifactError(f"{root} has no exported variants yet; run `kiln export` into it")
     extra: dict[str, Any] = {"objective": objective}
+    if loras or embeddings or switch_loras:
+        extra["weight_changes"] = LORA_COMPONENTS
     if drift_budget is not None:
         extra["drift_budget"] = drift_budget
     policy = Policy.from_strings(

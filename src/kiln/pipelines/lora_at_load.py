@@ -21,13 +21,18 @@ import numpy as np
 from kiln.artifacts import SUPPORT_DIR, Variant, verify_files
 from kiln.errors import InvalidRequestError, UnsupportedModelError
 from kiln.exporters.weight_map import WEIGHT_MAP_FILE, WeightMap
-from kiln.models.lora import LORA_COMPONENTS, LoraFile, TextualInversion, lora_deltas
+from kiln.models.lora import (
+    LORA_COMPONENTS,
+    SWITCHABLE_PRECISIONS,
+    LoraFile,
+    TextualInversion,
+    lora_deltas,
+)
 from kiln.models.spec import Precision
 
 if TYPE_CHECKING:
     from kiln.pipelines.deployment import Deployment
 
-SWITCHABLE = (Precision.FP32, Precision.FP16, Precision.BF16)
 #: LoRA files kept parsed (their deltas), most recently used last.
 CACHED_LORAS = 4
 
@@ -198,7 +203,7 @@ class WeightSwitch:
 
     def _check_switchable(self, component: str, what: str) -> None:
         variant = self._planned(component)
-        if variant.precision not in SWITCHABLE:
+        if variant.precision not in SWITCHABLE_PRECISIONS:
             raise InvalidRequestError(
                 f"{what} cannot be switched on at load: {component} runs {variant.id}, and "
                 f"{variant.precision.value} weights cannot take a LoRA; load an fp32, fp16 or "

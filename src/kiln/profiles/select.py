@@ -39,6 +39,7 @@ from typing import Any
 
 from kiln.artifacts import Manifest, Variant
 from kiln.errors import BackendUnavailableError, InvalidRequestError
+from kiln.models.lora import SWITCHABLE_PRECISIONS
 from kiln.models.spec import Precision
 from kiln.profiles.hardware import GpuInfo, HardwareProfile, install_hint
 from kiln.profiles.targets import (
@@ -185,6 +186,8 @@ class Policy:
     allow_failed_parity: bool = False
     drift_budget: Mapping[str, float] = field(default_factory=lambda: DEFAULT_DRIFT_BUDGET)
     memory_headroom: float = MEMORY_HEADROOM
+    # Components whose weights change at load (LoRAs): only plain-weight variants qualify.
+    weight_changes: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         try:
@@ -200,6 +203,7 @@ class Policy:
         object.__setattr__(self, "objective", objective)
         object.__setattr__(self, "prefer", tuple(self.prefer))
         object.__setattr__(self, "require", tuple(self.require))
+        object.__setattr__(self, "weight_changes", frozenset(self.weight_changes))
         object.__setattr__(self, "drift_budget", MappingProxyType(dict(self.drift_budget)))
 
     @classmethod
@@ -468,6 +472,12 @@ def _why_not_variant(
     if variant.parity is not None and not variant.parity.passed and not policy.allow_failed_parity:
         return "failed its parity check at export"
     named = any(c.names(variant) for c in policy.requirements_for(component))
+    if (
+        component in policy.weight_changes
+        and variant.precision not in SWITCHABLE_PRECISIONS
+        and not named
+    ):
+        return f"{variant.precision.value} weights cannot take LoRAs at load"
     drift = drift_problem(variant, policy.drift_budget)
     if drift and not named:
         return f"drift {drift} (require it by name to use it anyway)"

@@ -49,7 +49,7 @@ class GuardedSession(Session):
             )
             self._fallback = self._open_fallback()
             if self._replaced:
-                self._fallback.replace_weights(self._replaced)
+                self._replace_on_fallback()
         self.fallback_calls += 1
         return self._fallback.run(inputs)
 
@@ -57,11 +57,22 @@ class GuardedSession(Session):
         return self.inner.stored_weights(names)
 
     def replace_weights(self, values: Mapping[str, np.ndarray]) -> None:
-        """The fallback (same target: same weight names) gets the same values when it opens."""
+        """The fallback gets the same values (now, or when it opens)."""
         self.inner.replace_weights(values)
         self._replaced = dict(values)
         if self._fallback is not None:
-            self._fallback.replace_weights(values)
+            self._replace_on_fallback()
+
+    def _replace_on_fallback(self) -> None:
+        # Graph weight names hold within one runtime's variants (a cast keeps them), not across.
+        if self._fallback.runtime == self.inner.runtime:
+            self._fallback.replace_weights(self._replaced)
+        elif self._replaced:
+            logger.warning(
+                "%s's fallback %s runs on another runtime and without the LoRA",
+                self.variant_id,
+                self.fallback_id,
+            )
 
     def release_memory(self) -> None:
         self.inner.release_memory()

@@ -131,6 +131,7 @@ class ModelRegistry:
                     prefer=self.settings.prefer,
                     require=self.settings.require,
                     objective=self.settings.objective,
+                    switch_loras=self.settings.lora_dir is not None and model.kind == DIFFUSION,
                 )
                 model.load_seconds = time.perf_counter() - started
                 self._add_queue(model)
