@@ -271,7 +271,7 @@ def test_bench_measures_with_the_lora_switched_on(both_targets, loras, tmp_path)
     from kiln.bench.workload import build_workload
 
     workload = build_workload(
-        64, steps=[2], repeats=1, warmup=0, loras=[f"{loras['sd1']['a']}:0.8"]
+        64, steps=[2], repeats=1, warmup=1, loras=[f"{loras['sd1']['a']}:0.8"]
     )
     report = run_bench(both_targets, variants=["onnx:fp32"], baselines=["torch"], workload=workload)
     assert validation_errors(report) == []
