@@ -22,7 +22,11 @@ def test_both_targets_share_one_manifest_with_parity(both_targets):
     for variant in manifest.variants_of("unet"):
         assert variant.parity.passed and variant.parity.worst()[1] < 1e-3
     ov_unet = manifest.variant("unet/openvino/fp32")
-    assert {f.path.rsplit("/", 1)[1] for f in ov_unet.files} == {"model.xml", "model.bin"}
+    assert {f.path.rsplit("/", 1)[1] for f in ov_unet.files} == {
+        "model.xml",
+        "model.bin",
+        "weights.json",
+    }
     assert "openvino" in ov_unet.versions
 
 
