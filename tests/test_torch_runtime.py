@@ -22,6 +22,7 @@ import kiln
 from kiln.artifacts import read_manifest
 from kiln.errors import ArtifactError, BackendUnavailableError, InvalidRequestError
 from kiln.exporters.torch import MODEL_FILE, export_torch, read_state, write_state
+from kiln.exporters.weight_map import WEIGHT_MAP_FILE
 from kiln.models.skeleton import build_wrapper
 from kiln.models.spec import ComponentSpec, DType, Precision, TensorSpec
 from kiln.models.tiny_captioning import save_model
@@ -167,7 +168,10 @@ def test_export_records_checked_variants(sd_root, blip_root, which, components):
     for component in components:
         variant = manifest.variant(f"{component}/torch/fp32")
         assert variant.entry == f"{component}/torch-fp32/{MODEL_FILE}"
-        assert [Path(f.path).name for f in variant.files] == [MODEL_FILE]
+        # The UNet and text encoder also carry the map LoRAs at load use.
+        mapped = which == "sd" and component in ("text_encoder", "unet")
+        expected = [MODEL_FILE, WEIGHT_MAP_FILE] if mapped else [MODEL_FILE]
+        assert sorted(Path(f.path).name for f in variant.files) == expected
         assert variant.parity is not None and variant.parity.passed
         # Same module, same weights: the rebuilt module reproduces PyTorch exactly.
         assert max(variant.parity.max_abs.values()) == 0.0
