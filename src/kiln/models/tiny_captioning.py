@@ -138,12 +138,12 @@ def vocabulary() -> list[str]:
     return vocab + ["[DEC]", "[ENC]"]
 
 
-def build_processor(image_size: int) -> Any:
+def build_processor(image_size: int, vocab: list[str] | None = None) -> Any:
     """A `BlipProcessor` (BERT tokenizer + BLIP image processor) from locally written files."""
     from transformers import BertTokenizer, BlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    vocab = vocabulary()
+    vocab = vocab or vocabulary()
     tokenizer = BertTokenizer(
         vocab={token: index for index, token in enumerate(vocab)},
         do_lower_case=True,
