@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kiln.errors import InvalidRequestError
-from kiln.models.shapes import COLOURS, parse_caption
+from kiln.models.shapes import COLOURS, normal_caption, parse_caption
 
 FOREGROUND_DISTANCE = 120.0
 MIN_SHAPE_FRACTION = 0.02
@@ -117,7 +117,9 @@ def caption_accuracy(captions: Sequence[str], truths: Sequence[str]) -> float:
             f"caption accuracy needs as many captions as truths, at least one "
             f"({len(captions)} captions, {len(truths)} truths)"
         )
-    same = sum(_normal(c) == _normal(t) for c, t in zip(captions, truths, strict=True))
+    same = sum(
+        normal_caption(c) == normal_caption(t) for c, t in zip(captions, truths, strict=True)
+    )
     return same / len(truths)
 
 
@@ -149,7 +151,3 @@ def _shape(fill: float, lopsided: float) -> str:
     if lopsided > TRIANGLE_LOPSIDED:
         return "triangle"
     return "square" if fill > SQUARE_ABOVE else "circle"
-
-
-def _normal(text: str) -> str:
-    return " ".join(text.lower().split())

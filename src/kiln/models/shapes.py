@@ -72,9 +72,14 @@ def caption_for(colour: str, shape: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
+def normal_caption(text: str) -> str:
+    """A caption lower-cased with single spaces, as captions are compared."""
+    return " ".join(text.lower().split())
+
+
 def parse_caption(text: str) -> tuple[str, str, str]:
     """(colour, shape, background) of a caption or prompt in the world's grammar."""
-    match = _CAPTION.match(" ".join(text.lower().split()))
+    match = _CAPTION.match(normal_caption(text))
     words = match.groups() if match else ()
     if not match or words[0] not in COLOURS or words[1] not in SHAPES or words[2] not in COLOURS:
         raise InvalidRequestError(
