@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -142,6 +143,18 @@ def evaluate(model, processor, count: int) -> float:
     return caption_accuracy(captions, [s.caption for s in held_out])
 
 
+def save(out: Path, figures: dict, seed: int, *parts) -> None:
+    """Into a temporary sibling, then renamed: an interrupted run leaves no model that looks whole."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in parts:
+        part.save_pretrained(tmp)
+    notes = {**figures, "seed": seed, "script": f"scripts/{Path(__file__).name}"}
+    (tmp / "kiln_training.json").write_text(json.dumps(notes, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -158,9 +171,7 @@ def main() -> None:
     figures = train(model, processor, args.steps, args.minutes, args.seed, args.batch_size)
     figures["held_out_accuracy"] = evaluate(model, processor, args.eval)
     print(json.dumps(figures, indent=1))
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
-    (args.out / "kiln_training.json").write_text(json.dumps({**figures, "seed": args.seed}))
+    save(args.out, figures, args.seed, model, processor)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,16 @@ def loras(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         kohya = to_kohya(first, root / "a-kohya.safetensors", xl=preset == "sdxl")
         out[preset] = {"a": first, "b": second, "a-kohya": kohya}
     return out
+
+
+@pytest.fixture(scope="session")
+def shapes_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The built-in trained models (`kiln:shapes-sd`, `kiln:shapes-blip`) exported to ONNX once."""
+    import kiln
+
+    root = tmp_path_factory.mktemp("shapes")
+    out = {}
+    for name in ("shapes-sd", "shapes-blip"):
+        out[name] = root / name
+        kiln.export(f"kiln:{name}", out[name])
+    return out

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from kiln.bench import diffusion
 from kiln.bench.compare import compare_reports, regressions
 from kiln.bench.harness import CASE_FIGURES, VARIANT_FIGURES, record_measurements, run_bench
 from kiln.bench.metrics import psnr, ssim, summarize
@@ -51,7 +52,10 @@ def bench(artifacts, tmp_path_factory):
 
 
 def _assert_complete_figures(variant, cases):
-    assert set(variant["figures"]) == set(VARIANT_FIGURES)
+    assert set(variant["figures"]) == set(VARIANT_FIGURES) | set(diffusion.QUALITY_FIGURES)
+    judged = variant["figures"]["judged_correct"]
+    if variant["status"] == "ok":  # the judge reads only the shapes world
+        assert judged["value"] is None and "shapes-world model kiln:shapes-sd" in judged["reason"]
     assert [c["case"] for c in variant["cases"]] == cases
     for case in variant["cases"]:
         assert set(case["figures"]) == set(CASE_FIGURES)
@@ -142,7 +146,7 @@ def test_plots_html_and_images_are_written(bench):
     for variant in report["variants"]:
         image = variant["cases"][0]["images"][0]
         assert image in html and (folder / "report" / image).stat().st_size > 0
-    assert table(report).row_count == 12
+    assert table(report).row_count == 13
     lines = paths["markdown"].read_text().splitlines()
     assert lines[0].startswith("| variant | case | load |") and len(lines) == 2 + len(
         report["variants"]

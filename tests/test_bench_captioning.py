@@ -63,7 +63,9 @@ def test_report_validates_and_every_figure_has_a_value_or_reason(bench):
     assert [v["id"] for v in report["variants"]] == ["torch", "onnx:fp32"]
     for variant in report["variants"]:
         assert variant["status"] == "ok", variant["reason"]
-        assert set(variant["figures"]) == set(VARIANT_FIGURES)
+        assert set(variant["figures"]) == set(VARIANT_FIGURES) | set(captioning.QUALITY_FIGURES)
+        accuracy = variant["figures"]["caption_accuracy"]
+        assert accuracy["value"] is None and "kiln:shapes-blip" in accuracy["reason"]
         for case in variant["cases"]:
             assert set(case["figures"]) == set(captioning.CASE_FIGURES)
             assert len(case["captions"]) == 1 and case["images"]
@@ -142,7 +144,8 @@ def test_html_report_and_table(bench):
     page = paths["html"].read_text()
     assert "exact match" in page and "captioned images" in page
     assert paths["components"].stat().st_size > 0
-    assert table(report).row_count == len(captioning.CASE_FIGURES) + len(VARIANT_FIGURES)
+    quality = len(captioning.QUALITY_FIGURES)
+    assert table(report).row_count == len(captioning.CASE_FIGURES) + len(VARIANT_FIGURES) + quality
 
 
 def test_bleu():

@@ -153,16 +153,24 @@ def test_doctor_json_reports_this_machine():
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    result = run_kiln("demo", "--out", tmp_path / "demo", "--steps", "3")
+    result = run_kiln("demo", "--out", tmp_path / "demo")
     assert result.returncode == 0, result.stderr
-    assert "random weights" in result.stdout
-    assert Image.open(tmp_path / "demo" / "side_by_side.png").size[0] > 256
-    assert Image.open(tmp_path / "demo" / "caption.png").size[0] > 256
-    assert "token for token" in result.stdout
+    report = tmp_path / "demo"
+    assert Image.open(report / "demo.png").size[0] > 512
+    assert Image.open(report / "kiln.png").size == (64, 64)
+    assert "sees a red circle on a blue background" in result.stdout
+    assert "caption says the prompt?" in result.stdout
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep")
     assert_user_error(run_kiln("demo", "--out", tmp_path / "mine"), "not made by `kiln demo`")
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
+
+
+def test_demo_refuses_bad_requests_before_any_work(tmp_path):
+    out = tmp_path / "demo"
+    assert_user_error(run_kiln("demo", "-o", out, "--prompt", "a cat"), "not a shapes-world")
+    assert_user_error(run_kiln("demo", "-o", out, "--steps", "0"), "steps must be between")
+    assert not out.exists()
 
 
 def test_demo_owns_only_its_own_folder(tmp_path):

@@ -823,7 +823,12 @@ def test_drift_metric_directions_and_failed_flag():
         m = sd15(variant("unet", "openvino", "int8", 0.8, drift=drift))
         plan = select(m, profile, Policy(drift_budget=budget))
         assert (plan["unet"].variant_id == "unet/openvino/int8") is ok, drift
-    assert DEFAULT_DRIFT_BUDGET == {"psnr": 20.0, "bleu": 0.3}
+    assert DEFAULT_DRIFT_BUDGET == {
+        "psnr": 20.0,
+        "bleu": 0.3,
+        "judged_correct_drop": 0.05,
+        "caption_accuracy_drop": 0.05,
+    }
     assert parse_drift_budget("psnr=25") == {"psnr": 25.0}
     assert parse_drift_budget(["psnr=25", "max_abs=0.1"]) == {"psnr": 25.0, "max_abs": 0.1}
     with pytest.raises(InvalidRequestError, match="METRIC=NUMBER"):

@@ -135,13 +135,34 @@ def _export_progress() -> Iterator[Any]:
         yield report
 
 
+@contextmanager
+def _quantize_progress(precision: str = "int8") -> Iterator[Any]:
+    """A progress bar over calibration and quantization, with a line per quantized variant."""
+    with progress_bar() as progress:
+        task = progress.add_task(f"quantize {precision}", total=None)
+
+        def report(event: Any) -> None:
+            where = f"{event.component}: " if event.component else ""
+            progress.update(task, description=f"{where}{event.stage} {event.detail}".strip())
+            if event.total:
+                progress.update(task, completed=event.done, total=event.total)
+            if event.stage == "done":
+                progress.console.print(f"[green]✓[/] {event.detail}", highlight=False)
+
+        yield report
+
+
 # ----------------------------------------------------------------------------------- export
 
 
 @app.command()
 def export(
     source: Annotated[
-        str, typer.Argument(help="Diffusers or BLIP folder, single .safetensors file, or hub id.")
+        str,
+        typer.Argument(
+            help="Diffusers or BLIP folder, single .safetensors file, hub id, or a built-in "
+            "trained model: kiln:shapes-sd, kiln:shapes-blip."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to create or extend.")],
     target: Annotated[
@@ -271,17 +292,7 @@ def _run_quantize(
     from kiln.quant.runner import quantize as run_quantize
 
     started = time.perf_counter()
-    with progress_bar() as progress:
-        task = progress.add_task(f"quantize {precision}", total=None)
-
-        def report(event: Any) -> None:
-            where = f"{event.component}: " if event.component else ""
-            progress.update(task, description=f"{where}{event.stage} {event.detail}".strip())
-            if event.total:
-                progress.update(task, completed=event.done, total=event.total)
-            if event.stage == "done":
-                progress.console.print(f"[green]✓[/] {event.detail}", highlight=False)
-
+    with _quantize_progress(precision) as report:
         manifest = run_quantize(
             artifact, precision, targets=targets, components=components, progress=report, **options
         )
@@ -752,13 +763,15 @@ def _variants_table(manifest: Any) -> Table:
 
 def _quality(variant: Any) -> str:
     """Parity against PyTorch for exported variants, drift against fp32 for quantized ones."""
+    from kiln.bench.quality import METRICS as QUALITY_METRICS
+
     if variant.parity is not None:
         name, worst, limit = variant.parity.worst()
         return f"parity {'ok' if variant.parity.passed else 'FAILED'} {worst:.1e} / {limit:.1e}"
     drift = variant.drift or {}
     shown = [
         f"{m} {drift[m]:g}"
-        for m in ("psnr", "ssim", "bleu", "exact_match", "itm_abs")
+        for m in ("psnr", "ssim", "bleu", "exact_match", "itm_abs", *QUALITY_METRICS)
         if m in drift
     ]
     return ", ".join(shown) or "not measured"
@@ -1117,19 +1130,24 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's files.")] = Path(
         "kiln-demo"
     ),
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 10,
+    prompt: Annotated[
+        str, typer.Option(help="A shapes-world prompt: 'a COLOUR SHAPE on a COLOUR background'.")
+    ] = "a red circle on a blue background",
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
 ) -> None:
-    """Build a tiny random-weight SD model, export it to ONNX, generate, compare with PyTorch."""
+    """Export, quantize, plan, generate, caption and judge kiln's built-in trained models."""
     from kiln.demo import run_demo
 
     run_demo(
         out,
         steps=steps,
         seed=seed,
+        prompt=prompt,
         console=console,
         export_progress=_export_progress,
         step_progress=progress_bar,
+        quantize_progress=_quantize_progress,
     )
 
 

@@ -361,8 +361,13 @@ class CaptionArtifactRunner(ArtifactRunner):
         on_step: Callable,
     ) -> dict[str, Any]:
         images = workload.images(case, seed)
-        result = self.deployment.caption(images, prompt, **case.options())
-        return _call_output(self, images, [c[0] for c in result.captions], on_step, case)
+        captions = self.caption_images(images, prompt, case.options())
+        return _call_output(self, images, captions, on_step, case)
+
+    def caption_images(
+        self, images: list[Any], prompt: str | None, options: dict[str, Any]
+    ) -> list[str]:
+        return [c[0] for c in self.deployment.caption(images, prompt, **options).captions]
 
 
 class TorchCaptionRunner:
@@ -426,6 +431,10 @@ class TorchCaptionRunner:
     def source_folder(self) -> str:
         if self.source.get("kind") == "folder":
             return str(self.source["id"])
+        if self.source.get("kind") == "builtin":
+            from kiln.models.builtin import builtin_path
+
+            return str(builtin_path(str(self.source["id"])))
         from huggingface_hub import snapshot_download
 
         return snapshot_download(self.source["id"], local_files_only=True)
@@ -459,17 +468,41 @@ class TorchCaptionRunner:
         seed: int,
         on_step: Callable,
     ) -> dict[str, Any]:
+        images = workload.images(case, seed)
+        captions = self.caption_images(images, prompt, case.options())
+        return _call_output(self, images, captions, on_step, case)
+
+    def caption_images(
+        self, images: list[Any], prompt: str | None, options: dict[str, Any]
+    ) -> list[str]:
         import torch
 
-        images = workload.images(case, seed)
         prompts = None if prompt is None else [prompt] * len(images)
         inputs = self.processor(
             images=images, text=prompts, return_tensors="pt", padding=prompts is not None
         ).to(self.device)
         with torch.inference_mode():
-            sequences = self.model.generate(**inputs, **case.options())
+            sequences = self.model.generate(**inputs, **options)
         texts = self.processor.batch_decode(sequences, skip_special_tokens=True)
-        return _call_output(self, images, [t.strip() for t in texts], on_step, case)
+        return [t.strip() for t in texts]
+
+
+QUALITY_FIGURES = {"caption_accuracy": "fraction"}
+
+
+def measure_quality(runner: Any, manifest: Any, workload: CaptionWorkload) -> dict[str, Any]:
+    """Held-out shapes-world scenes captioned exactly, greedy (`kiln.bench.quality`)."""
+    from kiln.bench import quality
+
+    why = quality.not_applicable(dict(manifest.source), quality.CAPTION_ACCURACY)
+    if why:
+        return {quality.CAPTION_ACCURACY: (None, why)}
+    options = {"num_beams": 1, "max_new_tokens": quality.MAX_NEW_TOKENS}
+
+    def caption(images: list[Any]) -> list[str]:
+        return runner.caption_images(images, None, options)
+
+    return {quality.CAPTION_ACCURACY: (quality.held_out_caption_accuracy(caption), None)}
 
 
 def make_runner(
@@ -491,6 +524,8 @@ def baseline_unavailable(manifest: Any) -> str | None:
     """Why the source model cannot be run as a PyTorch baseline here, or None if it can."""
     source = dict(manifest.source)
     kind, ident = source.get("kind"), source.get("id")
+    if kind == "builtin":
+        return None  # shipped with kiln
     if kind == "folder":
         if not (Path(str(ident)) / "config.json").is_file():
             return f"source model folder {ident} is not available on this machine"

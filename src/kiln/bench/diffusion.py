@@ -167,6 +167,10 @@ class TorchRunner:
     def source_folder(self) -> str:
         if self.source.get("kind") == "folder":
             return str(self.source["id"])
+        if self.source.get("kind") == "builtin":
+            from kiln.models.builtin import builtin_path
+
+            return str(builtin_path(str(self.source["id"])))
         from huggingface_hub import snapshot_download
 
         return snapshot_download(self.source["id"], local_files_only=True)
@@ -223,6 +227,30 @@ class TorchRunner:
         return list(output.images)
 
 
+QUALITY_FIGURES = {"judged_correct": "fraction"}
+
+
+def measure_quality(runner: Any, manifest: Any, workload: Workload) -> dict[str, Any]:
+    """Held-out prompts of the shapes world judged correct (`kiln.bench.quality`)."""
+    from dataclasses import replace
+
+    from kiln.bench import quality
+
+    why = quality.not_applicable(dict(manifest.source), quality.JUDGED_CORRECT)
+    if why:
+        return {quality.JUDGED_CORRECT: (None, why)}
+    side = default_size(manifest)
+    case = Case(side, side, quality.STEPS, 1)
+    settings = replace(
+        workload, negative_prompt=None, guidance_scale=quality.GUIDANCE, scheduler=None
+    )
+
+    def generate(prompt: str, seed: int) -> Any:
+        return runner.generate(settings, case, prompt, seed, lambda step, steps: None)[0]
+
+    return {quality.JUDGED_CORRECT: (quality.judged_correct(generate), None)}
+
+
 def make_runner(
     kind: str,
     root: Path,
@@ -244,6 +272,8 @@ def baseline_unavailable(manifest: Any) -> str | None:
     """Why the source model cannot be run as a PyTorch baseline here, or None if it can."""
     source = dict(manifest.source)
     kind, ident = source.get("kind"), source.get("id")
+    if kind == "builtin":
+        return None  # shipped with kiln
     if kind == "folder":
         folder = Path(str(ident))
         if not (folder / "model_index.json").is_file():

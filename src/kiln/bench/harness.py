@@ -517,6 +517,10 @@ def build_report(
             "peak_rss_bytes": _figure(rss, "bytes", vfp, rss_reason or missing),
             "peak_vram_bytes": _figure(vram, "bytes", vfp, vram_reason or missing),
         }
+        quality = data.get("quality", {})
+        for name, unit in getattr(family, "QUALITY_FIGURES", {}).items():
+            value, why = quality.get(name, (None, missing))
+            figures[name] = _figure(value, unit, vfp, why or missing)
         if data.get("vram_sources"):
             figures["peak_vram_bytes"]["sources"] = data["vram_sources"]
         if getattr(workload, "loras", ()):  # switched on at load (artifact) or fused (torch)
@@ -560,7 +564,9 @@ def build_report(
                 "cases": cases,
             }
         )
-    ratio_ref = _apply_ratios(variants, no_ratio(family))
+    ratio_ref = _apply_ratios(
+        variants, no_ratio(family) | set(getattr(family, "QUALITY_FIGURES", {}))
+    )
     drift_ref = _apply_drift(variants, workload, family)
     for variant in variants:
         for case in variant["cases"]:
@@ -614,7 +620,8 @@ def _apply_ratios(
 
     for variant in variants:
         for name, figure in variant["figures"].items():
-            divide(figure, ref["figures"][name])
+            if name not in skip and name in ref["figures"]:
+                divide(figure, ref["figures"][name])
         for case, ref_case in zip(variant["cases"], ref["cases"], strict=True):
             for name, figure in case["figures"].items():
                 if name not in skip:

@@ -28,6 +28,7 @@ COLUMNS = (
     ("size", "size_on_disk_bytes", "variant"),
     ("PSNR", "drift_psnr_db", "case"),
     ("SSIM", "drift_ssim", "case"),
+    ("judged correct", "judged_correct", "variant"),
 )
 CAPTION_COLUMNS = (
     ("load", "load_s", "variant"),
@@ -42,6 +43,7 @@ CAPTION_COLUMNS = (
     ("size", "size_on_disk_bytes", "variant"),
     ("exact match", "drift_exact_match", "case"),
     ("BLEU", "drift_bleu", "case"),
+    ("caption accuracy", "caption_accuracy", "variant"),
 )
 
 
@@ -91,7 +93,8 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
         for case in variant["cases"]:
             cells = []
             for _, name, level in columns(report):
-                figure = (variant["figures"] if level == "variant" else case["figures"])[name]
+                figures = variant["figures"] if level == "variant" else case["figures"]
+                figure = figures.get(name, {"value": None, "reason": "not in this report"})
                 cells.append(format_figure(figure, spread=name == "end_to_end_ms"))
             out.append((label, case["case"], cells))
     return out

@@ -200,6 +200,13 @@ def run(request: dict[str, Any]) -> int:
             emit("call", case=case.id, call=index, measured=measured, done=done, total=total)
         save()
 
+    measure_quality = getattr(module, "measure_quality", None)
+    if measure_quality is not None:
+        emit("quality", variant=variant["id"])
+        quality = measure_quality(runner, manifest, workload)
+        result["quality"] = {name: list(figure) for name, figure in quality.items()}
+        save()
+
     rss, rss_reason = peak_rss_bytes()
     peak_vram, vram_reason, vram_sources = vram.stop()
     result.update(

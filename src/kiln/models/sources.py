@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.artifacts import read_json
 from kiln.errors import SourceError, UnsupportedModelError
+from kiln.models.builtin import MODELS as BUILTIN_MODELS
+from kiln.models.builtin import PREFIX, builtin_path, content_hash, is_builtin
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +34,7 @@ class SourceInfo:
     """Where a model came from, as recorded in the manifest."""
 
     id: str
-    kind: str  # "folder", "hub" or "single-file"
+    kind: str  # "folder", "hub", "single-file" or "builtin"
     revision: str  # hub commit, or "sha256:<hex>" of the weight files
     loras: tuple[Mapping[str, Any], ...] = ()  # fused into the weights (kiln.models.lora)
 
@@ -103,10 +105,13 @@ def quiet_progress_bars() -> None:
 
 
 def load_source(source: str | os.PathLike[str], *, config: str | None = None) -> LoadedModel:
-    """Load a model from a local folder, a single checkpoint file, or a hub id."""
+    """Load a model from a local folder, a single checkpoint file, a hub id or `kiln:NAME`."""
     text = os.fspath(source)
     path = Path(text).expanduser()
     quiet_progress_bars()
+    if is_builtin(text):
+        folder = builtin_path(text)
+        return _load_folder(folder, SourceInfo(text, "builtin", content_hash(folder)))
     if path.is_file():
         return _load_single_file(path, config)
     if path.is_dir():
@@ -114,7 +119,8 @@ def load_source(source: str | os.PathLike[str], *, config: str | None = None) ->
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
         return _load_hub(text)
     raise SourceError(
-        f"source {text} does not exist (expected a model folder, a .safetensors file or a hub id)"
+        f"source {text} does not exist (expected a model folder, a .safetensors file, a hub id "
+        f"or a built-in model: {', '.join(PREFIX + name for name in BUILTIN_MODELS)})"
     )
 
 

@@ -77,6 +77,7 @@ camera lens film vintage close up view wide angle shot
 sitting standing walking running flying swimming holding looking
 ultra hd very small large big little old young new
 blurry ugly low deformed bad
+circle square triangle background
 """
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import InvalidRequestError
+from kiln.models import shapes
+from kiln.models.builtin import is_builtin
 from kiln.quant.base import Feeds
 from kiln.runtimes.base import Session
 
@@ -133,10 +135,12 @@ class _CallLog:
             self.stride *= 2
 
 
-def read_prompts(path: str | Path | None, count: int) -> list[str]:
-    """`count` prompts from a text file (one per line) or from the built-in list."""
+def read_prompts(
+    path: str | Path | None, count: int, default: Sequence[str] = DEFAULT_PROMPTS
+) -> list[str]:
+    """`count` prompts from a text file (one per line) or from `default`."""
     if path is None:
-        prompts = list(DEFAULT_PROMPTS)
+        prompts = list(default)
     else:
         file = Path(path)
         if not file.is_file():
@@ -152,10 +156,14 @@ def read_prompts(path: str | Path | None, count: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(count)]
 
 
-def read_images(folder: str | Path | None, count: int) -> list[Any]:
+def read_images(folder: str | Path | None, count: int, shapes_world: bool = False) -> list[Any]:
     """`count` PIL images from a folder, or kiln's built-in synthetic scenes."""
     from kiln.pipelines.captioning import open_images
 
+    if folder is None and shapes_world:
+        from PIL import Image
+
+        return [Image.fromarray(scene.draw()) for scene in shapes.scenes(count, seed=0)]
     if folder is None:
         return [synthetic_image(i) for i in range(count)]
     root = Path(folder)
@@ -210,9 +218,14 @@ def collect(
     """Run `deployment` (an fp32 plan) `count` times and record every component's inputs."""
     check_request(count, steps)
     report = progress or (lambda done, total: None)
+    # The built-in models calibrate on their own world (training-side seeds, never the
+    # held-out ones their quality is judged on): activations elsewhere mislead the ranges.
+    shapes_world = is_builtin(str(deployment.manifest.source.get("id", "")))
     if deployment.family == "stable-diffusion":
-        return _collect_diffusion(deployment, read_prompts(prompts, count), steps, size, report)
-    return _collect_captioning(deployment, read_images(images, count), report)
+        default = [s.caption for s in shapes.scenes(count)] if shapes_world else DEFAULT_PROMPTS
+        chosen = read_prompts(prompts, count, default)
+        return _collect_diffusion(deployment, chosen, steps, size, report)
+    return _collect_captioning(deployment, read_images(images, count, shapes_world), report)
 
 
 def _collect_diffusion(

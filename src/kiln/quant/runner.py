@@ -98,11 +98,12 @@ def quantize(
     for job in jobs:
         verify_files(root, job.source.files)
     calib = _calibrate(root, manifest, jobs, calibration, prompts, images, steps, size, report)
+    fp32_quality: dict[str, float] = {}  # measured once, on the first variant that needs it
     for index, job in enumerate(jobs, start=1):
         variant = _quantize_one(root, job, calib, report, index, len(jobs))
         manifest = read_manifest(root).with_variant(variant)
         write_manifest(root, manifest)
-        variant = _with_end_to_end_drift(root, manifest, variant, calib, report)
+        variant = _with_end_to_end_drift(root, manifest, variant, calib, report, fp32_quality)
         manifest = read_manifest(root).with_variant(variant)
         write_manifest(root, manifest)
         report(QuantEvent("done", job.component, _summary(variant, job.source), index, len(jobs)))
@@ -275,7 +276,12 @@ def _component_drift(
 
 
 def _with_end_to_end_drift(
-    root: Path, manifest: Manifest, variant: Variant, calib: CalibrationSet, report: QuantProgress
+    root: Path,
+    manifest: Manifest,
+    variant: Variant,
+    calib: CalibrationSet,
+    report: QuantProgress,
+    fp32_quality: dict[str, float],
 ) -> Variant:
     """Rerun the held-back workload with only `variant` swapped in; compare with fp32."""
     from kiln.pipelines.deployment import load
@@ -314,12 +320,61 @@ def _with_end_to_end_drift(
         texts = calib.workload["texts"]
         got = [deployment.match(calib.inputs[i], texts).itm_probabilities for i in held]
         measured = drift_metrics.matching_drift([calib.references[i] for i in held], got)
+    if variant.component != "vae_encoder":  # text-to-image never runs the encoder
+        measured |= _quality_drift(root, manifest, deployment, calib, report, fp32_quality)
     del deployment
     release_memory()
     workload = {**calib.workload, "held_out": held}
     drift = {**measured, **(variant.drift or {}), "workload": workload}
     drift["reference"] = f"fp32 {plan_target} plan, same seeds"
     return replace(variant, drift=drift)
+
+
+def _quality_drift(
+    root: Path,
+    manifest: Manifest,
+    deployment: Any,
+    calib: CalibrationSet,
+    report: QuantProgress,
+    fp32_quality: dict[str, float],
+) -> dict[str, float]:
+    """On the shapes world: the judged quality of this plan, of the fp32 plan, and the drop.
+
+    `<figure>_drop` (fp32 minus this variant, as a fraction) is what selection's default
+    budget limits: PSNR alone passes a variant whose pictures show the wrong shape."""
+    from kiln.bench import quality
+    from kiln.pipelines.deployment import load
+
+    kind = calib.workload["kind"]
+    figure = {"txt2img": quality.JUDGED_CORRECT, "caption": quality.CAPTION_ACCURACY}.get(kind)
+    if figure is None or quality.not_applicable(dict(manifest.source), figure):
+        return {}
+
+    def measure(plan: Any) -> float:
+        if figure == quality.JUDGED_CORRECT:
+            return quality.judged_correct(
+                lambda prompt, seed: (
+                    plan.generate(
+                        prompt, steps=quality.STEPS, seed=seed, guidance_scale=quality.GUIDANCE
+                    ).image
+                )
+            )
+        options = {"num_beams": 1, "max_new_tokens": quality.MAX_NEW_TOKENS}
+        return quality.held_out_caption_accuracy(
+            lambda images: [c[0] for c in plan.caption(images, **options).captions]
+        )
+
+    report(QuantEvent("drift", "", f"{figure} on held-out shapes-world inputs"))
+    if figure not in fp32_quality:
+        target = calib.workload["plan"]
+        fp32 = [f"{name}={target}:fp32" for name in _exported(manifest)]
+        fp32_quality[figure] = measure(load(root, require=fp32, verify=False, guard=False))
+    value = measure(deployment)
+    return {
+        figure: value,
+        f"{figure}_fp32": fp32_quality[figure],
+        f"{figure}_drop": round(fp32_quality[figure] - value, 6),
+    }
 
 
 def _exported(manifest: Manifest) -> list[str]:
@@ -334,7 +389,9 @@ def _summary(variant: Variant, source: Variant) -> str:
     share = variant.size_bytes / max(source.size_bytes, 1)
     drift = variant.drift or {}
     figures = [f"{variant.size_bytes / 2**20:.1f} MiB ({share:.0%} of fp32)"]
-    for metric in ("psnr", "ssim", "bleu", "exact_match", "itm_abs"):
+    from kiln.bench.quality import METRICS as QUALITY_METRICS
+
+    for metric in ("psnr", "ssim", "bleu", "exact_match", "itm_abs", *QUALITY_METRICS):
         if metric in drift:
             figures.append(f"{metric} {drift[metric]:g}")
     return f"{variant.id}: " + ", ".join(figures)
