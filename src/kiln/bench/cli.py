@@ -168,6 +168,8 @@ def run(
                 )
             elif kind == "call":
                 progress.update(calls, completed=event["done"])
+            elif kind == "quality":
+                progress.update(calls, description=f"{name}: judging held-out quality")
             elif kind == "variant_done":
                 progress.advance(overall)
                 status = event.get("status")
