@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
+from shapes_training import save, warmup_cosine
 
 from kiln.bench.judge import caption_accuracy
 from kiln.models import shapes
@@ -90,14 +89,7 @@ def batch(processor, rng: np.random.Generator, size: int) -> tuple[dict, list[st
 def train(model, processor, steps: int, minutes: float, seed: int, batch_size: int) -> dict:
     tokenizer = processor.tokenizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-
-    def rate(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     rng = np.random.default_rng(seed)
     started, losses = time.perf_counter(), []
     model.train()
@@ -143,18 +135,6 @@ def evaluate(model, processor, count: int) -> float:
     return caption_accuracy(captions, [s.caption for s in held_out])
 
 
-def save(out: Path, figures: dict, seed: int, *parts) -> None:
-    """Into a temporary sibling, then renamed: an interrupted run leaves no model that looks whole."""
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for part in parts:
-        part.save_pretrained(tmp)
-    notes = {**figures, "seed": seed, "script": f"scripts/{Path(__file__).name}"}
-    (tmp / "kiln_training.json").write_text(json.dumps(notes, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -171,7 +151,7 @@ def main() -> None:
     figures = train(model, processor, args.steps, args.minutes, args.seed, args.batch_size)
     figures["held_out_accuracy"] = evaluate(model, processor, args.eval)
     print(json.dumps(figures, indent=1))
-    save(args.out, figures, args.seed, model, processor)
+    save(args.out, figures, args.seed, __file__, model, processor)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
 import numpy as np
 import torch
 import transformers
+from shapes_training import save, warmup_cosine
 
 from kiln.bench.judge import judge_image
 from kiln.models import shapes
@@ -81,20 +79,9 @@ def pixels(batch: list[shapes.Scene]) -> torch.Tensor:
     return torch.from_numpy(drawn / 127.5 - 1).permute(0, 3, 1, 2)
 
 
-def cosine(steps: int) -> Callable[[int], float]:
-    warmup = max(1, steps // 20)
-
-    def rate(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
-
-    return rate
-
-
 def train_vae(vae, rng: np.random.Generator, steps: int, minutes: float, batch: int) -> dict:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     started, losses = time.perf_counter(), []
     vae.train()
     for step in range(steps):
@@ -142,7 +129,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, args) -> dict:
     alphas = noise_schedule.alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(args.unet_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.unet_steps))
     averaged = [p.detach().clone() for p in params]  # exponential moving average, saved
     ids = tokens(tokenizer, captions)
     empty = tokens(tokenizer, [""])[0]
@@ -257,18 +244,6 @@ def evaluate(pipe, repeats: int, steps: int, guidance: float) -> dict:
     }
 
 
-def save(out: Path, figures: dict, seed: int, *parts) -> None:
-    """Into a temporary sibling, then renamed: an interrupted run leaves no model that looks whole."""
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for part in parts:
-        part.save_pretrained(tmp)
-    notes = {**figures, "seed": seed, "script": f"scripts/{Path(__file__).name}"}
-    (tmp / "kiln_training.json").write_text(json.dumps(notes, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -303,7 +278,7 @@ def main() -> None:
     figures |= evaluate(pipe, args.eval_repeats, args.eval_steps, args.eval_guidance)
     figures["eval_seconds"] = time.perf_counter() - started
     print(json.dumps(figures, indent=1))
-    save(args.out, figures, args.seed, pipe)
+    save(args.out, figures, args.seed, __file__, pipe)
 
 
 if __name__ == "__main__":

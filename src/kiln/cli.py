@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kiln.errors import KilnError
-from kiln.ui import console, err_console, progress_bar
+from kiln.ui import console, err_console, plan_table, progress_bar
 
 # OS errors that say something about the machine (full disk, permissions, a file where a folder
 # must be), not about kiln: one line, like a KilnError. Other OS errors keep their traceback.
@@ -379,7 +379,7 @@ def generate(
         embeddings=embedding or (),
     )
     if plan_only:
-        console.print(_plan_table(deployment.plan))
+        console.print(plan_table(deployment.plan))
         return
     if lora or embedding:
         switch = deployment.weight_switch
@@ -534,7 +534,7 @@ def caption(
         artifact, prefer=prefer or (), require=require or (), target_profile=target_profile
     )
     if plan_only:
-        console.print(_plan_table(deployment.plan))
+        console.print(plan_table(deployment.plan))
         return
     if folder is not None:
         _caption_folder(
@@ -781,16 +781,6 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
-def _plan_table(plan: Any) -> Table:
-    title = f"plan ({plan.objective}, target {plan.target})" if plan.target else "plan"
-    table = Table(title=title, caption="\n".join(plan.notes) or None)
-    for column in ("component", "variant", "runtime", "device", "reason"):
-        table.add_column(column, overflow="fold")
-    for row in plan.rows():
-        table.add_row(*(Text(cell) for cell in row))  # reasons hold [brackets]: never markup
-    return table
-
-
 # ----------------------------------------------------------------------------------- doctor
 
 
@@ -852,7 +842,7 @@ def doctor(
         console.print(Text.assemble(("missing ", "yellow"), f"{name}: {install_hint(name)}"))
     console.print(_quantization_table(matrix_status(profile)))
     if plan is not None:
-        console.print(_plan_table(plan))
+        console.print(plan_table(plan))
         for line in _version_lines(planned):
             console.print(line)
 

@@ -26,6 +26,7 @@ from rich.text import Text
 from kiln.artifacts import check_output_folder
 from kiln.errors import InvalidRequestError, KilnError
 from kiln.models.sources import quiet_progress_bars
+from kiln.ui import plan_table
 
 DEMO_MARKER = ".kiln-demo"
 PROMPT = "a red circle on a blue background"
@@ -86,7 +87,7 @@ def run_demo(
     console.print("[bold]2/6[/] quantizing to int8 (drift against fp32 recorded per variant)")
     stop = timings.time("quantize int8 (calibrate, quantize, measure drift)")
     with quantize_progress() as report:
-        manifest = kiln.quantize(sd_dir, "int8", progress=report)
+        kiln.quantize(sd_dir, "int8", progress=report)
     stop()
 
     console.print("[bold]3/6[/] planning: one variant per component for this machine")
@@ -94,7 +95,7 @@ def run_demo(
     deployment = kiln.load(sd_dir)
     stop()
     plan = [{"component": row[0], "variant": row[1]} for row in deployment.plan.rows()]
-    console.print(_plan_table(deployment.plan))
+    console.print(plan_table(deployment.plan))
 
     console.print(f"[bold]4/6[/] generating {prompt!r} ({steps} steps, seed {seed})")
     stop = timings.time(f"generate with the plan ({steps} steps)")
@@ -138,7 +139,6 @@ def run_demo(
         "psnr_vs_pytorch_fp32": psnr(ours, reference),
         "plan": plan,
         "timings": timings.steps,
-        "variants": len(manifest.variants),
     }
     report["paths"] = _save_pictures(out, ours, reference, report)
     console.print(_summary_table(report))
@@ -155,15 +155,6 @@ def _array(image: Any) -> Any:
     import numpy as np
 
     return np.asarray(image.convert("RGB"))
-
-
-def _plan_table(plan: Any) -> Table:
-    table = Table(title="plan")
-    for column in ("component", "variant", "runtime", "reason"):
-        table.add_column(column, overflow="fold")
-    for row in plan.rows():
-        table.add_row(*(Text(cell) for cell in (row[0], row[1], row[2], row[-1])))
-    return table
 
 
 def _summary_table(report: dict[str, Any]) -> Table:

@@ -339,18 +339,8 @@ def _call_output(
 # ------------------------------------------------------------------------------ runners
 
 
-class CaptionArtifactRunner(ArtifactRunner):
-    """The artifact as `kiln.load()` plans it; `deployment.caption()` per call."""
-
-    def __init__(
-        self, root: Path, require: list[str], prefer: list[str], objective: str = "latency"
-    ) -> None:
-        super().__init__(root, require, prefer, objective)
-        self.timer = NestedTimer()  # type: ignore[assignment]
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.deployment.processor.tokenizer
+class _CaptionCalls:
+    """One bench call: the case's images, captioned by the runner's `caption_images`."""
 
     def generate(
         self,
@@ -364,13 +354,27 @@ class CaptionArtifactRunner(ArtifactRunner):
         captions = self.caption_images(images, prompt, case.options())
         return _call_output(self, images, captions, on_step, case)
 
+
+class CaptionArtifactRunner(_CaptionCalls, ArtifactRunner):
+    """The artifact as `kiln.load()` plans it; `deployment.caption()` per call."""
+
+    def __init__(
+        self, root: Path, require: list[str], prefer: list[str], objective: str = "latency"
+    ) -> None:
+        super().__init__(root, require, prefer, objective)
+        self.timer = NestedTimer()  # type: ignore[assignment]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.deployment.processor.tokenizer
+
     def caption_images(
         self, images: list[Any], prompt: str | None, options: dict[str, Any]
     ) -> list[str]:
         return [c[0] for c in self.deployment.caption(images, prompt, **options).captions]
 
 
-class TorchCaptionRunner:
+class TorchCaptionRunner(_CaptionCalls):
     """The source model in transformers/PyTorch fp32 eager, with the artifact's processor."""
 
     def __init__(self, root: Path, family: str, source: dict[str, Any]) -> None:
@@ -459,18 +463,6 @@ class TorchCaptionRunner:
     def size_on_disk(self) -> tuple[int | None, str | None]:
         folder = Path(self.source_folder())
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()), None
-
-    def generate(
-        self,
-        workload: CaptionWorkload,
-        case: CaptionCase,
-        prompt: str | None,
-        seed: int,
-        on_step: Callable,
-    ) -> dict[str, Any]:
-        images = workload.images(case, seed)
-        captions = self.caption_images(images, prompt, case.options())
-        return _call_output(self, images, captions, on_step, case)
 
     def caption_images(
         self, images: list[Any], prompt: str | None, options: dict[str, Any]
