@@ -424,3 +424,29 @@ def test_rows_and_table():
     console = Console(record=True, width=200)
     console.print(hw.format_profile(missing_ov))
     assert "kiln[openvino]" in console.export_text()
+
+
+_AMX_CPUINFO = (
+    "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel Xeon Platinum 8480+\n"
+    "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
+)
+
+
+@pytest.mark.parametrize("refusal", ["", "kernel 5.15 cannot grant AMX tile state"])
+def test_amx_counts_only_when_the_kernel_grants_it(monkeypatch, refusal):
+    monkeypatch.setattr(hw.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(hw, "_read_text", lambda path: _AMX_CPUINFO)
+    monkeypatch.setattr(hw, "amx_refusal", lambda: refusal)
+    notes: list[str] = []
+    cpu = hw._probe_cpu(notes)
+    if refusal:
+        assert not cpu.features & hw.AMX_FEATURES and "avx512f" in cpu.features
+        assert cpu.amx == f"listed by the CPU but not usable: {refusal}"
+        assert notes == [f"cpu: AMX {cpu.amx}"]
+    else:
+        assert cpu.features >= hw.AMX_FEATURES and cpu.amx == "enabled" and not notes
+    assert hw.CpuInfo.from_dict(cpu.to_dict()) == cpu
+
+
+def test_amx_probe_answers_on_this_machine():
+    assert isinstance(hw.amx_refusal(), str)  # "" or a reason; never raises

@@ -201,6 +201,9 @@ class Manifest:
     support_files: tuple[FileEntry, ...] = ()
     variants: tuple[Variant, ...] = ()
     measurements: Mapping[str, Any] = field(default_factory=dict)
+    #: Defaults `kiln.load()` uses when the caller gives none (`drift_budget`, `objective`),
+    #: written by `kiln optimize` with the budget it was run under.
+    selection: Mapping[str, Any] = field(default_factory=dict)
     kiln_version: str = ""
     created: str = field(default_factory=now_utc)
     schema_version: int = SCHEMA_VERSION
@@ -234,6 +237,7 @@ class Manifest:
             "support_files": [vars(f) for f in self.support_files],
             "variants": [v.to_dict() for v in self.variants],
             "measurements": dict(self.measurements),
+            "selection": dict(self.selection),
         }
 
     @classmethod
@@ -252,6 +256,7 @@ class Manifest:
             support_files=tuple(FileEntry(**f) for f in data.get("support_files", [])),
             variants=tuple(Variant.from_dict(v) for v in data.get("variants", [])),
             measurements=data.get("measurements", {}),
+            selection=data.get("selection", {}),
             kiln_version=data.get("kiln_version", ""),
             created=data.get("created", ""),
             schema_version=version,

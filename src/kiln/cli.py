@@ -343,8 +343,12 @@ def generate(
         ),
     ] = None,
     objective: Annotated[
-        str, typer.Option(help="What to optimize: latency, throughput (batches) or memory.")
-    ] = "latency",
+        str | None,
+        typer.Option(
+            help="What to optimize: latency, throughput (batches) or memory "
+            "(default: what `kiln optimize` recorded, else latency)."
+        ),
+    ] = None,
     max_drift: Annotated[
         list[str] | None,
         typer.Option(help="Drift budget METRIC=LIMIT, e.g. psnr=25 (repeatable)."),
@@ -1110,6 +1114,129 @@ def _loadtest_lines(result: Any) -> list[str]:
         f"{result.stop_seconds or float('nan'):.1f} s (exit {result.exit_code})"
     )
     return lines
+
+
+# --------------------------------------------------------------------------------- optimize
+
+
+@app.command()
+def optimize(
+    source: Annotated[
+        str, typer.Argument(help="Model source (as `kiln export`) or an artifact folder.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to build or resume.")],
+    max_drift: Annotated[
+        list[str] | None,
+        typer.Option(help="Drift budget METRIC=LIMIT, e.g. psnr=30 or bleu=0.5 (repeatable)."),
+    ] = None,
+    objective: Annotated[str, typer.Option(help="latency, throughput or memory.")] = "latency",
+    size: Annotated[
+        list[str] | None, typer.Option(help="Workload image size N or WxH (repeatable).")
+    ] = None,
+    steps: Annotated[list[int] | None, typer.Option(help="Workload denoising steps.")] = None,
+    workload: Annotated[
+        Path | None, typer.Option(help="Workload file (JSON or TOML), as `kiln bench`.")
+    ] = None,
+    candidate: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TARGET:PRECISION[-METHOD] to build (repeatable; default: the matching "
+            "target file's optimize_candidates)."
+        ),
+    ] = None,
+    repeats: Annotated[int | None, typer.Option(help="Measured calls per variant.")] = None,
+    calibration: Annotated[
+        int, typer.Option(help="Calibration prompts (SD) or images (BLIP), shared by all.")
+    ] = 4,
+    budget_minutes: Annotated[
+        float | None, typer.Option(help="Stop building and measuring after this many minutes.")
+    ] = None,
+    keep: Annotated[
+        str, typer.Option(help="all, or best: drop unused quantized variants.")
+    ] = "all",
+) -> None:
+    """Build the variants this machine can run, measure them here, and keep the fastest plan
+    within the drift budget as OUT's default (`kiln.load(OUT)` picks it)."""
+    from kiln.optimize import optimize as run_optimize
+
+    with progress_bar() as progress:
+        task = progress.add_task("optimize", total=None)
+
+        def say(event: Any) -> None:
+            progress.update(task, description=f"{event.stage}: {event.detail}"[:100])
+            if event.stage != "export":  # a bad SOURCE then reads as one error line
+                progress.console.print(f"[bold]{event.stage}[/] {event.detail}", highlight=False)
+
+        def bench_event(event: dict[str, Any]) -> None:
+            name = event.get("variant", "")[:60]
+            if event["event"] == "step":
+                progress.update(task, description=f"measure {name}: step {event['step']}")
+            elif event["event"] == "variant_done":
+                progress.console.print(f"  measured {name}: {event.get('status')}", highlight=False)
+
+        def quant_event(event: Any) -> None:
+            where = f"{event.component}: " if event.component else ""
+            progress.update(task, description=f"quantize {where}{event.stage} {event.detail}"[:100])
+            if event.stage == "done":
+                progress.console.print(f"  [green]✓[/] {event.detail}", highlight=False)
+
+        result = run_optimize(
+            source,
+            out,
+            max_drift=max_drift,
+            objective=objective,
+            candidates=candidate,
+            sizes=size,
+            steps=steps,
+            workload=workload,
+            repeats=repeats,
+            calibration=calibration,
+            budget_minutes=budget_minutes,
+            keep=keep,
+            progress=say,
+            bench_events=bench_event,
+            quant_progress=quant_event,
+        )
+    console.print(_frontier_table(result.points))
+    for name, why in result.skipped.items():
+        console.print(f"[yellow]skipped[/] {name}: {why}", highlight=False)
+    console.print(plan_table(result.plan))
+    if result.whole_plan and result.reproduced:
+        console.print(
+            f"the per-component pick, re-measured ({result.whole_plan}'s whole plan then "
+            "won end to end):",
+            highlight=False,
+        )
+    for row in result.reproduced:
+        if "problem" in row:
+            console.print(f"[yellow]re-measure failed:[/] {row['problem']}", highlight=False)
+            continue
+        mark = "[green]reproduced[/]" if row["reproduced"] else "[yellow]not reproduced[/]"
+        console.print(
+            f"{mark} {row['variant']}: {row['recorded_ms']:.1f} ms recorded, "
+            f"{row['again_ms']:.1f} ms again ({row['change']:+.0%})",
+            highlight=False,
+        )
+    if result.frontier_plot is not None:
+        console.print(f"frontier plot: {result.frontier_plot}", highlight=False)
+    budget = " (stopped by --budget-minutes)" if result.stopped_by_budget else ""
+    console.print(
+        f"optimized {out} in {result.seconds / 60:.1f} min{budget}; `kiln.load('{out}')` "
+        "now picks the plan above",
+        highlight=False,
+    )
+
+
+def _frontier_table(points: list[dict[str, Any]]) -> Table:
+    table = Table(title="measured plans (* = Pareto frontier: latency, drift, peak memory)")
+    for name in ("plan", "end to end", "worst drift vs fp32", "peak RSS", ""):
+        table.add_column(name)
+    for p in points:
+        drift = ", ".join(f"{k} {v:.3g}" for k, v in (p["drift"] or {}).items()) or "reference"
+        rss = f"{p['peak_rss_bytes'] / 2**20:.0f} MiB" if p["peak_rss_bytes"] else "-"
+        marks = ("*" if p["frontier"] else "") + (" chosen" if p["chosen"] else "")
+        table.add_row(p["plan"][:70], f"{p['end_to_end_ms']:.1f} ms", drift, rss, marks)
+    return table
 
 
 # ------------------------------------------------------------------------------------- demo

@@ -97,7 +97,7 @@ def load(
     require: Sequence[str] | str = (),
     profile: HardwareProfile | None = None,
     target_profile: TargetProfile | str | os.PathLike[str] | None = None,
-    objective: str = "latency",
+    objective: str | None = None,
     drift_budget: Mapping[str, float] | Sequence[str] | None = None,
     verify: bool = True,
     guard: bool = True,
@@ -111,8 +111,9 @@ def load(
     `unet=openvino:int8`, `vae_decoder=onnx@cpu`, or a variant id `unet/openvino/int8`).
     `target_profile` is a `TargetProfile`, a built-in target name (`"intel-cpu-amx"`) or a
     TOML file; by default the built-in target that matches `profile` is used.
-    `objective` is `"latency"` or `"memory"`; `drift_budget` maps metric to limit
-    (`{"psnr": 25}` or `["psnr=25"]`, default `DEFAULT_DRIFT_BUDGET`).
+    `objective` is `"latency"`, `"throughput"` or `"memory"`; `drift_budget` maps metric to
+    limit (`{"psnr": 25}` or `["psnr=25"]`). Both default to what `kiln optimize` recorded in
+    the manifest (`manifest.selection`), else `"latency"` and `DEFAULT_DRIFT_BUDGET`.
     `guard` wraps reduced-precision components in the NaN guard (`kiln.runtimes.guard`).
     Stable Diffusion only: `loras` (`{"FILE": 0.8}` or `["FILE:0.8"]`) are switched on at load
     without re-export (`Deployment.set_loras` changes them later); `embeddings` are
@@ -127,9 +128,15 @@ def load(
     manifest = read_manifest(root)
     if not manifest.variants:
         raise ArtifactError(f"{root} has no exported variants yet; run `kiln export` into it")
-    extra: dict[str, Any] = {"objective": objective}
+    defaults = manifest.selection
+    extra: dict[str, Any] = {"objective": objective or defaults.get("objective", "latency")}
     if loras or embeddings or switch_loras:
         extra["weight_changes"] = LORA_COMPONENTS
+    if drift_budget is None:
+        drift_budget = defaults.get("drift_budget")
+    if not prefer and not require and defaults.get("prefer"):
+        prefer = defaults["prefer"]
+        extra["prefer_origin"] = "kiln optimize: the fastest whole plan measured here"
     if drift_budget is not None:
         extra["drift_budget"] = drift_budget
     policy = Policy.from_strings(

@@ -182,6 +182,8 @@ class CpuInfo:
     #: Logical CPUs this process may run on (sched affinity); None where unknown.
     usable_cores: int | None = None
     features: frozenset[str] = frozenset()
+    #: AMX as this process sees it: "enabled", "absent", or why the kernel withheld it.
+    amx: str = "absent"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", frozenset(normalize_feature(f) for f in self.features))
@@ -195,6 +197,7 @@ class CpuInfo:
             "logical_cores": self.logical_cores,
             "usable_cores": self.usable_cores,
             "features": sorted(self.features),
+            "amx": self.amx,
         }
 
     @classmethod
@@ -207,6 +210,7 @@ class CpuInfo:
             logical_cores=_opt_int(data.get("logical_cores")),
             usable_cores=_opt_int(data.get("usable_cores")),
             features=frozenset(data.get("features", ())),
+            amx=str(data.get("amx", "absent")),
         )
 
 
@@ -548,6 +552,15 @@ def _probe_cpu(notes: list[str]) -> CpuInfo:
             notes.append(f"cpu: py-cpuinfo failed: {_one_line(exc)}")
 
     features = {normalize_feature(f) for f in raw_flags} & KNOWN_FEATURES
+    amx = "absent"
+    if AMX_FEATURES & features:
+        refused = amx_refusal() if system == "Linux" else ""
+        amx = f"listed by the CPU but not usable: {refused}" if refused else "enabled"
+        if refused:
+            # Without tile state, oneDNN falls back to AVX-512 and bf16 runs slower than fp32:
+            # the machine is an AVX-512 one as far as speed (and the fingerprint) goes.
+            features -= AMX_FEATURES
+            notes.append(f"cpu: AMX {amx}")
     if arch == "arm64":
         features.add("neon")  # Advanced SIMD is mandatory on AArch64
 
@@ -571,7 +584,38 @@ def _probe_cpu(notes: list[str]) -> CpuInfo:
         logical_cores=os.cpu_count(),
         usable_cores=usable,
         features=frozenset(features),
+        amx=amx,
     )
+
+
+AMX_FEATURES = frozenset({"amx_tile", "amx_bf16", "amx_int8"})
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+_SYS_ARCH_PRCTL = 158  # x86_64
+
+
+def amx_refusal() -> str:
+    """Why this process may not use AMX tiles, or "" when the kernel granted them.
+
+    Linux hands out AMX tile state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM,
+    kernel 5.16+); oneDNN asks the same way, so a refusal here is a refusal there.
+    """
+    import ctypes
+    import errno
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "not an x86-64 process"
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        result = libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
+    except (OSError, AttributeError) as exc:
+        return f"cannot ask the kernel ({exc})"
+    if result == 0:
+        return ""
+    code = ctypes.get_errno()
+    if code == errno.EINVAL:
+        return f"kernel {platform.release()} cannot grant AMX tile state (needs Linux 5.16+)"
+    return f"the kernel refused AMX tile state ({errno.errorcode.get(code, code)})"
 
 
 def _probe_memory(notes: list[str]) -> MemoryInfo:
@@ -1008,6 +1052,7 @@ def profile_rows(profile: HardwareProfile) -> list[tuple[str, str, str]]:
             + (f" ({cpu.usable_cores} usable)" if cpu.usable_cores is not None else ""),
         ),
         ("cpu", "features", " ".join(sorted(cpu.features)) or "none detected"),
+        ("cpu", "amx", cpu.amx),
         (
             "memory",
             "total / available",

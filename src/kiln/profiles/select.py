@@ -192,6 +192,8 @@ class Policy:
     memory_headroom: float = MEMORY_HEADROOM
     # Components whose weights change at load (LoRAs): only plain-weight variants qualify.
     weight_changes: frozenset[str] = frozenset()
+    #: Who asked for `prefer`, as the plan's reasons say it.
+    prefer_origin: str = "the caller"
 
     def __post_init__(self) -> None:
         try:
@@ -818,7 +820,7 @@ def _reason(
             parts.append(f"drift {drift} accepted: required by name")
     static = _static_position(best, target)
     if best.preferred is not None:
-        parts.append(f"preferred by the caller (--prefer {best.preferred})")
+        parts.append(f"preferred by {policy.prefer_origin} (--prefer {best.preferred})")
     elif best.measured_ms is not None:
         rivals = [c for c in runnable if c is not best and c.measured_ms is not None]
         text = f"fastest measured on this hardware ({best.measured_ms:.1f} ms median"

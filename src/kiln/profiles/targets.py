@@ -282,6 +282,7 @@ def _ov_name_matches(name: str, wanted: str) -> bool:
 
 _TOP_KEYS = {
     "name",
+    "optimize_candidates",
     "description",
     "kind",
     "priority",
@@ -305,6 +306,8 @@ class TargetProfile:
     #: (pattern, options) pairs in file order; see `options_for`.
     options: tuple[tuple[Placement, Mapping[str, Any]], ...] = ()
     cpu_fallback: bool = False
+    #: What `kiln optimize` builds and measures here, `target:precision[-method]`, in order.
+    optimize_candidates: tuple[str, ...] = ()
     #: Where it came from: "builtin:<file>" or a path.
     source: str = ""
 
@@ -349,6 +352,9 @@ class TargetProfile:
             match=TargetMatch.from_dict(data.get("match", {}), where),
             options=tuple(options),
             cpu_fallback=bool(data.get("cpu_fallback", False)),
+            optimize_candidates=_strings(
+                data.get("optimize_candidates", []), "optimize_candidates", where
+            ),
             source=source,
         )
 

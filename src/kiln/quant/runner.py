@@ -89,17 +89,67 @@ def quantize(
         raise InvalidRequestError(
             "fp32 is what `kiln export` writes; quantize to another precision"
         )
-    check_request(calibration, steps)
-    report = progress or (lambda event: None)
     jobs = _plan_jobs(
         manifest, precision, targets, components, method, group_size, symmetric, ratio
     )
+    calib = dict(count=calibration, prompts=prompts, images=images, steps=steps, size=size)
+    return _run_jobs(root, jobs, calib, progress)
+
+
+def quantize_cells(
+    artifact: str | os.PathLike[str],
+    cells: Sequence[tuple[str, Precision | str, str | None]],
+    *,
+    calibration: int = 8,
+    steps: int = 4,
+    size: int | None = None,
+    progress: QuantProgress | None = None,
+    before_each: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Quantize every component for each `(target, precision, method)` in one go.
+
+    One fp32 calibration run serves every cell, so their drift shares its reference
+    outputs (`kiln optimize`). Variants already finished (end-to-end drift recorded) are
+    skipped, so a rerun resumes. `before_each(variant_id)` runs before each job and may
+    raise to stop between jobs; what was finished stays recorded.
+    """
+    root = Path(artifact)
+    manifest = read_manifest(root)
+    jobs: list[_Job] = []
+    for target, precision, method in cells:
+        jobs += _plan_jobs(manifest, _precision(precision), [target], (), method, None, None, None)
+    finished = {v.id for v in manifest.variants if set(v.drift or {}) - {"component"}}
+    jobs = [job for job in jobs if _variant_id(job) not in finished]  # a rerun resumes
+    calib = dict(count=calibration, prompts=None, images=None, steps=steps, size=size)
+    return _run_jobs(root, jobs, calib, progress, before_each)
+
+
+def _variant_id(job: _Job) -> str:
+    tag = variant_tag(job.recipe, job.spec)
+    suffix = f"-{tag}" if tag else ""
+    return f"{job.component}/{job.recipe.target}/{job.recipe.precision.value}{suffix}"
+
+
+def _run_jobs(
+    root: Path,
+    jobs: Sequence[_Job],
+    calib_options: dict[str, Any],
+    progress: QuantProgress | None,
+    before_each: Callable[[str], None] | None = None,
+) -> Manifest:
+    manifest = read_manifest(root)
+    check_request(calib_options["count"], calib_options["steps"])
+    report = progress or (lambda event: None)
     verify_files(root, manifest.support_files)
     for job in jobs:
         verify_files(root, job.source.files)
-    calib = _calibrate(root, manifest, jobs, calibration, prompts, images, steps, size, report)
+    if not jobs:
+        return manifest
+    calib = _calibrate(root, manifest, jobs, report=report, **calib_options)
     fp32_quality: dict[str, float] = {}  # measured once, on the first variant that needs it
     for index, job in enumerate(jobs, start=1):
+        if before_each is not None:
+            before_each(_variant_id(job))
         variant = _quantize_one(root, job, calib, report, index, len(jobs))
         manifest = read_manifest(root).with_variant(variant)
         write_manifest(root, manifest)
@@ -173,6 +223,7 @@ def _calibrate(
     root: Path,
     manifest: Manifest,
     jobs: Sequence[_Job],
+    *,
     count: int,
     prompts: Any,
     images: Any,
@@ -397,4 +448,4 @@ def _summary(variant: Variant, source: Variant) -> str:
     return f"{variant.id}: " + ", ".join(figures)
 
 
-__all__ = ["QuantEvent", "quantize"]
+__all__ = ["QuantEvent", "quantize", "quantize_cells"]
