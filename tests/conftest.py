@@ -21,6 +21,21 @@ from kiln.models.tiny import save_pipeline  # noqa: E402
 TINY_SD = ("sd1", "sd2", "sdxl", "sd1-inpaint")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip, with the reason, where torch sees no CUDA device."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if gpu_tests and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+        for item in gpu_tests:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")

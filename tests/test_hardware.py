@@ -397,7 +397,7 @@ def test_install_hints():
     assert hw.install_hint("onnxruntime") == "pip install onnxruntime"
     assert hw.install_hint("openvino") == "pip install 'kiln[openvino]'"
     assert hw.install_hint("OpenVINO") == "pip install 'kiln[openvino]'"
-    assert hw.install_hint("tensorrt") == "pip install tensorrt (NVIDIA GPU only)"
+    assert hw.install_hint("tensorrt") == "pip install 'kiln[gpu]' (NVIDIA GPU only)"
     assert hw.install_hint("bitsandbytes") == "pip install bitsandbytes"
     assert hw.install_hint("torchao") == "pip install torchao"
     assert "nncf" in hw.install_hint("nncf") or "openvino" in hw.install_hint("nncf")
@@ -418,7 +418,7 @@ def test_rows_and_table():
     console.print(hw.format_profile(p))
     text = console.export_text()
     assert "NVIDIA GeForce RTX 4090" in text
-    assert "pip install tensorrt (NVIDIA GPU only)" in text
+    assert "pip install 'kiln[gpu]' (NVIDIA GPU only)" in text
     # Square brackets must render literally, not be eaten as rich markup.
     missing_ov = dataclasses.replace(p, runtimes=(RuntimeInfo("openvino", None, False, "x"),))
     console = Console(record=True, width=200)

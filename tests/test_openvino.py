@@ -75,6 +75,42 @@ def test_static_shape_cache_is_bounded(both_targets):
     assert [dict(key)["latent_sample"] for key in session.static_shapes_compiled] == [(1, 4, 8, 8)]
 
 
+def test_static_shapes_are_remembered_and_replace_the_dynamic_graph(
+    both_targets, monkeypatch, tmp_path
+):
+    """A shape compiled static once is compiled static from the start by the next session
+    (no dynamic copy of the weights); another shape still runs, on the dynamic graph."""
+    import numpy as np
+
+    from kiln.models.spec import ComponentSpec
+    from kiln.runtimes.openvino import OpenVinoSession, remembered_shapes
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    manifest = read_manifest(both_targets)
+    spec = ComponentSpec.from_dict(manifest.components["vae_decoder"])
+    path = both_targets / manifest.variant("vae_decoder/openvino/fp32").entry
+
+    def session():
+        return OpenVinoSession(path, spec, static_shapes=2, shapes_key="artifact::vae_decoder")
+
+    small = {"latent_sample": np.random.default_rng(0).standard_normal((1, 4, 8, 8), np.float32)}
+    large = {"latent_sample": np.random.default_rng(1).standard_normal((1, 4, 12, 8), np.float32)}
+    first = session()
+    expected = [first.run(small), first.run(small)]
+    assert first.static_shapes_compiled and first._stateless is None  # the dynamic copy went
+    assert remembered_shapes("artifact::vae_decoder") == [(("latent_sample", (1, 4, 8, 8)),)]
+    assert remembered_shapes("another::vae_decoder") == []
+
+    second = session()
+    assert second.static_shapes_compiled == first.static_shapes_compiled
+    assert second._stateless is None  # nothing dynamic compiled at load
+    again = second.run(small)
+    np.testing.assert_allclose(again["sample"], expected[0]["sample"], atol=1e-5)
+    np.testing.assert_allclose(expected[1]["sample"], expected[0]["sample"], atol=1e-5)
+    assert second.run(large)["sample"].shape == (1, 3, 96, 64)
+    assert second._stateless is not None  # compiled when the new shape came
+
+
 def test_compiled_model_cache_is_bounded(both_targets, monkeypatch, tmp_path):
     import os
 

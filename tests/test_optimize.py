@@ -75,6 +75,15 @@ def test_load_picks_the_measured_fastest_within_budget(optimized):
         winner = next(m for m in runs if m["plan"] == chosen)
         assert winner["end_to_end_ms"] == min(m["end_to_end_ms"] for m in runs)
     assert set(state["measured"]) == {"torch", "onnx:fp32", "openvino:fp32", *CANDIDATES}
+    # Measured one at a time after onnx:int8: the slowed OpenVINO plans lost everywhere on
+    # their first measured call and were not measured further, nor recorded.
+    for label in ("openvino:int8", "openvino:fp32"):
+        assert state["measured"][label]["status"] == "skipped"
+        assert result.skipped[label].startswith("cannot beat "), result.skipped[label]
+    assert not any("/openvino/" in variant_id for variant_id in measured)
+    # Text-to-image never runs the VAE encoder: no candidates were built for it.
+    assert [v.id for v in manifest.variants_of("vae_encoder") if v.precision != "fp32"] == []
+    assert manifest.selection["static_shapes"] == 2
     assert result.frontier_plot is not None and result.frontier_plot.stat().st_size > 0
     assert any(p["chosen"] for p in result.points)
     again = {row["component"]: row for row in result.reproduced}

@@ -564,7 +564,9 @@ def test_intel_cpu_with_amx_runs_openvino_bf16_with_explicit_hints():
     assert plan["unet"].options["INFERENCE_PRECISION_HINT"] == "bf16"
     assert plan["unet"].reason == "first runnable in intel-cpu-amx's order (#1 openvino:bf16@cpu)"
     why = rejected(plan, "unet")
-    assert why["unet/tensorrt/fp16"].startswith("tensorrt is not installed; pip install tensorrt")
+    assert why["unet/tensorrt/fp16"].startswith(
+        "tensorrt is not installed; pip install 'kiln[gpu]'"
+    )
     assert why["unet/openvino/int8"] == "on CPU: ranked lower"
 
 

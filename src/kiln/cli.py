@@ -60,8 +60,11 @@ def main() -> None:
     try:
         app()
     except KilnError as exc:
+        from rich.markup import escape
+
+        # Messages hold literal brackets (pip install 'kiln[gpu]'), never markup.
         err_console.print(
-            f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
         )
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -116,6 +119,10 @@ def _version_lines(variants: Any) -> list[Text]:
     return [Text(f"version drift: {drift}", style="yellow") for drift in version_drift(variants)]
 
 
+# Stages whose detail changes while they run (TensorRT's build phases, calibration).
+_LIVE_STAGES = ("building", "typing", "calibrate")
+
+
 @contextmanager
 def _export_progress() -> Iterator[Any]:
     """A progress bar over components, with a line per exported component."""
@@ -123,10 +130,12 @@ def _export_progress() -> Iterator[Any]:
         task = progress.add_task("export", total=None)
 
         def report(event: Any) -> None:
-            progress.update(
-                task, total=event.total, description=f"{event.component}: {event.stage}"
-            )
-            if event.stage in ("parity", "exported", "optimized"):
+            where = f"{event.component}: " if event.component else ""
+            live = f" {event.detail}" if event.stage in _LIVE_STAGES else ""
+            progress.update(task, total=event.total, description=f"{where}{event.stage}{live}")
+            if event.stage == "calibrate":  # prompts or images run, not components
+                progress.update(task, completed=event.index)
+            if event.stage in ("parity", "exported", "optimized", "built", "drift"):
                 progress.console.print(f"  {event.component}: {event.detail}", highlight=False)
             if event.stage == "done":
                 progress.update(task, completed=event.index)
@@ -204,13 +213,58 @@ def export(
     precision: Annotated[
         list[str] | None,
         typer.Option(
-            help="Also quantize to fp16/bf16/int8/int4/nf4 (repeatable), as `kiln quantize`."
+            help="Also quantize to fp16/bf16/int8/int4/nf4 (repeatable), as `kiln quantize`. "
+            "With --target tensorrt: the engines' precisions, fp16 (default), bf16, int8, fp8, fp32."
         ),
     ] = None,
+    min_size: Annotated[
+        str | None, typer.Option(help="TensorRT: smallest image WIDTHxHEIGHT the engines take.")
+    ] = None,
+    max_size: Annotated[
+        str | None, typer.Option(help="TensorRT: largest image WIDTHxHEIGHT the engines take.")
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="TensorRT: most images per call the engines take.")
+    ] = None,
+    static: Annotated[
+        str | None,
+        typer.Option(help="TensorRT: one image size WIDTHxHEIGHT (min = opt = max)."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            help="TensorRT: print the optimization profiles per component; build nothing."
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="With --dry-run: the profiles as one JSON document.")
+    ] = False,
 ) -> None:
-    """Export each component of SOURCE, check parity against PyTorch, write OUT/manifest.json."""
+    """Export each component of SOURCE, check parity against PyTorch, write OUT/manifest.json.
+
+    --target tensorrt builds TensorRT engines from the onnx fp32 variants (exported first
+    from a source model; SOURCE may also be an artifact, with -o the same folder).
+    """
+    from kiln.errors import InvalidRequestError
     from kiln.exporters.runner import export as run_export
 
+    engines = None
+    if "tensorrt" in target:
+        from kiln.exporters.tensorrt import EngineOptions, ShapeRange
+
+        shapes = ShapeRange.parse(
+            min_size=min_size, max_size=max_size, max_batch=max_batch, static=static
+        )
+        engines = EngineOptions(tuple(precision or ["fp16"]), shapes)
+    elif any(v is not None for v in (min_size, max_size, max_batch, static)) or dry_run:
+        raise InvalidRequestError(
+            "--min-size, --max-size, --max-batch, --static and --dry-run are for --target tensorrt"
+        )
+    if as_json and not dry_run:
+        raise InvalidRequestError("--json prints the --dry-run profiles; add --dry-run")
+    if dry_run:
+        _print_engine_plan(source, component, engines, config, as_json)
+        return
     started = time.perf_counter()
     with _export_progress() as report:
         manifest = run_export(
@@ -225,13 +279,45 @@ def export(
             optimize=optimize,
             with_attentions=with_attentions,
             loras=lora or (),
+            engines=engines,
             progress=report,
         )
     console.print(
         f"exported {len(manifest.variants)} variant(s) to {out} in {time.perf_counter() - started:.1f} s"
     )
+    if engines is not None:
+        return  # --precision named the engines' precisions
     for name in precision or ():
         _run_quantize(out, name, target, component or [])
+
+
+def _print_engine_plan(
+    source: str, components: list[str] | None, engines: Any, config: str | None, as_json: bool
+) -> None:
+    """`--dry-run`: the profiles each component's engine would be built with."""
+    import contextlib
+
+    from kiln.exporters.tensorrt import plan_engines
+
+    # Loading a source model must not print on stdout: with --json it holds one document.
+    with contextlib.redirect_stdout(sys.stderr):
+        plan = plan_engines(source, components=components, options=engines, config=config)
+    if as_json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return
+    precisions = ", ".join(p.value for p in plan.precisions)
+    table = Table(title=f"TensorRT optimization profiles ({precisions}): nothing built")
+    for column in ("component", "input", "min", "opt", "max"):
+        table.add_column(column, overflow="fold")
+    for name, profile in plan.profiles.items():
+        for index, tensor in enumerate(profile.inputs):
+            shapes = (tensor.min, tensor.opt, tensor.max)
+            table.add_row(name if index == 0 else "", tensor.name, *(str(tuple(s)) for s in shapes))
+    console.print(table)
+    console.print(f"onnx: {plan.onnx}", highlight=False, markup=False)
+    for name, profile in plan.profiles.items():
+        for note in profile.notes:
+            console.print(f"note: {name}: {note}", highlight=False, markup=False)
 
 
 # --------------------------------------------------------------------------------- quantize
@@ -801,11 +887,13 @@ def doctor(
 ) -> None:
     """Show this machine's hardware, installed runtimes, its deployment target, and the plan."""
     from kiln.profiles.hardware import detect, format_profile, install_hint
+    from kiln.profiles.select import cuda_unavailable
     from kiln.profiles.targets import target_for
     from kiln.quant.recipes import matrix_status
     from kiln.versions import version_drift
 
     profile = detect()
+    off_gpu = cuda_unavailable(profile)
     target = target_for(profile, target_profile)
     plan = None
     if artifact is not None:
@@ -825,6 +913,7 @@ def doctor(
             },
         }
         data["quantization"] = matrix_status(profile)
+        data["not_on_nvidia_gpu"] = off_gpu
         if plan is not None:
             data["plan"] = [
                 dict(zip(("component", "variant", "runtime", "device", "reason"), r, strict=True))
@@ -844,6 +933,8 @@ def doctor(
     missing = [r.name for r in profile.runtimes if not r.available]
     for name in missing:
         console.print(Text.assemble(("missing ", "yellow"), f"{name}: {install_hint(name)}"))
+    for runtime, why in off_gpu.items():  # why selection never places it on a GPU here
+        console.print(Text.assemble(("not on an NVIDIA GPU ", "yellow"), f"{runtime}: {why}"))
     console.print(_quantization_table(matrix_status(profile)))
     if plan is not None:
         console.print(plan_table(plan))
@@ -1154,6 +1245,13 @@ def optimize(
     keep: Annotated[
         str, typer.Option(help="all, or best: drop unused quantized variants.")
     ] = "all",
+    static_shapes: Annotated[
+        int,
+        typer.Option(
+            help="OpenVINO fixed-shape copies per component, for the shapes the workload runs "
+            "at (0: dynamic shapes only)."
+        ),
+    ] = 2,
 ) -> None:
     """Build the variants this machine can run, measure them here, and keep the fastest plan
     within the drift budget as OUT's default (`kiln.load(OUT)` picks it)."""
@@ -1193,6 +1291,7 @@ def optimize(
             calibration=calibration,
             budget_minutes=budget_minutes,
             keep=keep,
+            static_shapes=static_shapes,
             progress=say,
             bench_events=bench_event,
             quant_progress=quant_event,

@@ -109,7 +109,10 @@ def run(
     ] = None,
     baseline: Annotated[
         list[str] | None,
-        typer.Option(help="torch, torch-compile or none (repeatable). Default: torch."),
+        typer.Option(
+            help="torch, torch-compile, torch-cuda-fp16 or none (repeatable). Default: torch "
+            "(and torch-cuda-fp16 when a variant runs on CUDA)."
+        ),
     ] = None,
     record: Annotated[
         bool, typer.Option(help="Write the measured latencies into the artifact's manifest.")

@@ -27,6 +27,7 @@ LOWER_IS_BETTER = {
     "vision_encoder_ms",
     "cross_attention_kv_ms",
     "decoder_step_ms",
+    "decode_step_ms",
     "end_to_end_ms",
     "peak_rss_bytes",
     "peak_vram_bytes",

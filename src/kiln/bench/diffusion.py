@@ -57,6 +57,47 @@ class CallTimer:
         return out
 
 
+def time_session(timer: Any, name: str, session: Any) -> None:
+    """Time every call of `session` under `name`, whichever way it comes in.
+
+    Through instance attributes: the adapters hold the same session objects, so this sees
+    every call without touching runtime code. A call enters by `run` (numpy on the host)
+    or `run_on_device` (tensors on the session's device), and the second may call the first:
+    the outer one is timed, once. Sessions on a CUDA device return before their kernels
+    finish, so a timed call waits for them.
+    """
+    sync = None
+    if session.tensor_device.type == "cuda":
+        import torch
+
+        sync = torch.cuda.synchronize
+    inside = [False]
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def finished(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            if sync is not None:
+                sync()
+            return out
+
+        timed = timer.wrap(name, finished)
+
+        def once(*args: Any, **kwargs: Any) -> Any:
+            if inside[0]:
+                return fn(*args, **kwargs)
+            inside[0] = True
+            try:
+                return timed(*args, **kwargs)
+            finally:
+                inside[0] = False
+
+        once.__wrapped__ = fn  # type: ignore[attr-defined]
+        return once
+
+    session.run = wrap(session.run)
+    session.run_on_device = wrap(session.run_on_device)
+
+
 class ArtifactRunner:
     """The artifact as `kiln.load()` plans it, optionally forced with require/prefer strings."""
 
@@ -74,10 +115,8 @@ class ArtifactRunner:
         self.deployment = kiln.load(
             self.root, prefer=self.prefer, require=self.require, objective=self.objective
         )
-        # Time each session's `run` through an instance attribute: the adapters hold the
-        # same session objects, so this sees every call without touching runtime code.
         for name, session in self.deployment.sessions.items():
-            session.run = self.timer.wrap(name, session.run)
+            time_session(self.timer, name, session)
         devices = {s.device for s in self.deployment.sessions.values()}
         self.device = ",".join(sorted(devices))
 
@@ -118,10 +157,21 @@ class ArtifactRunner:
 
 
 class TorchRunner:
-    """The source model in diffusers/PyTorch fp32, eager or with `torch.compile` (UNet, VAE)."""
+    """The source model in diffusers/PyTorch, eager or with `torch.compile` (UNet, VAE).
 
-    def __init__(self, source: dict[str, Any], model_info: dict[str, Any], compiled: bool) -> None:
+    fp32 on the GPU when there is one, else on the CPU; `half=True` (the `torch-cuda-fp16`
+    baseline) is diffusers in fp16 on the GPU, as a PyTorch user runs it there.
+    """
+
+    def __init__(
+        self,
+        source: dict[str, Any],
+        model_info: dict[str, Any],
+        compiled: bool,
+        half: bool = False,
+    ) -> None:
         self.source, self.model_info, self.compiled = source, model_info, compiled
+        self.half = half
         self.pipeline: Any = None
         self.device = "cpu"
         self.timer = CallTimer()
@@ -130,9 +180,13 @@ class TorchRunner:
         import torch
         from diffusers import DiffusionPipeline
 
+        if self.half and not torch.cuda.is_available():
+            raise InvalidRequestError("the torch-cuda-fp16 baseline needs a CUDA device")
         folder = self.source_folder()
         xl = self.model_info.get("architecture") == "sdxl"
         extra = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
+        if self.half:
+            extra["dtype"] = torch.float16
         pipeline = DiffusionPipeline.from_pretrained(folder, **extra)
         if xl:
             pipeline.watermark = None
@@ -177,7 +231,8 @@ class TorchRunner:
 
     def describe(self) -> str:
         mode = "torch.compile (unet, vae decoder)" if self.compiled else "eager"
-        return f"source model in diffusers/PyTorch fp32, {mode} ({self.device})"
+        precision = "fp16" if self.half else "fp32"
+        return f"source model in diffusers/PyTorch {precision}, {mode} ({self.device})"
 
     def plan(self) -> list[dict[str, str]]:
         runtime = "torch.compile" if self.compiled else "torch"
@@ -261,9 +316,12 @@ def make_runner(
 ) -> Any:
     if kind == "artifact":
         return ArtifactRunner(root, require, prefer, objective)
-    if kind in ("torch", "torch-compile"):
+    if kind in ("torch", "torch-compile", "torch-cuda-fp16"):
         return TorchRunner(
-            dict(manifest.source), dict(manifest.model_info), kind == "torch-compile"
+            dict(manifest.source),
+            dict(manifest.model_info),
+            kind == "torch-compile",
+            half=kind == "torch-cuda-fp16",
         )
     raise InvalidRequestError(f"unknown bench variant kind {kind!r}")
 

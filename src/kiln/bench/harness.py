@@ -4,7 +4,8 @@
 
 A *bench variant* is a way to run the artifact: the plan `kiln.load()` makes with some
 `require`/`prefer` strings (`onnx:fp32`, `unet=openvino:int8,onnx:fp32`), or a baseline
-(the source model in PyTorch eager, `torch`, or compiled, `torch-compile`). Each runs in
+(the source model in PyTorch eager, `torch`, or compiled, `torch-compile`, or in fp16 on
+the GPU, `torch-cuda-fp16`, added beside `torch` when a variant runs on CUDA). Each runs in
 its own `python -m kiln.bench.worker` process, one after the other, on the same workload
 and seeds. The JSON report is rewritten atomically after every variant: an interrupted
 run leaves a valid report marked `"status": "interrupted"`, never half a file.
@@ -25,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,9 @@ from kiln.errors import InvalidRequestError
 
 REPORT_SCHEMA = "kiln.bench-report"
 REPORT_VERSION = 1
-BASELINES = ("torch", "torch-compile")
+BASELINES = ("torch", "torch-compile", "torch-cuda-fp16")
+#: The GPU baseline: what a PyTorch user runs on an NVIDIA GPU (diffusers in fp16).
+CUDA_BASELINE = "torch-cuda-fp16"
 RATIO_REFERENCE = "torch"
 FAMILIES = {
     "stable-diffusion": "kiln.bench.diffusion",
@@ -88,7 +91,7 @@ Event = dict[str, Any]
 @dataclass(frozen=True)
 class BenchVariant:
     id: str
-    kind: str  # "artifact" | "torch" | "torch-compile"
+    kind: str  # "artifact" or one of BASELINES
     require: tuple[str, ...] = ()
     prefer: tuple[str, ...] = ()
     skip_reason: str | None = None
@@ -153,18 +156,20 @@ def plan_variants(
     `prefer` (`RUNTIME:PRECISION` strings, as `kiln.load(prefer=...)`) applies to the `auto`
     variant, which is added when it was not requested.
     """
-    from kiln.errors import KilnError
     from kiln.profiles.hardware import detect
-    from kiln.profiles.select import Policy, select
 
     family = family_module(manifest)
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
-        raise InvalidRequestError(f"unknown baseline {unknown[0]!r}; use {' or '.join(BASELINES)}")
+        raise InvalidRequestError(f"unknown baseline {unknown[0]!r}; use {', '.join(BASELINES)}")
+    profile = detect()
+    artifact_variants, on_cuda = _artifact_variants(manifest, profile, requested, prefer)
     variants: list[BenchVariant] = []
     wanted = list(dict.fromkeys(baselines))
     if "torch-compile" in wanted and "torch" not in wanted:
         wanted.insert(0, "torch")  # ratios always refer to eager
+    if on_cuda and "torch" in wanted and CUDA_BASELINE not in wanted:
+        wanted.append(CUDA_BASELINE)  # the GPU figures' own baseline
     unavailable = family.baseline_unavailable(manifest) if wanted else None
     notes = tuple(family.baseline_notes(manifest)) if wanted and not unavailable else ()
     supported = getattr(family, "BASELINES", BASELINES)
@@ -172,8 +177,26 @@ def plan_variants(
         why = unavailable
         if why is None and kind not in supported:
             why = f"no {kind} baseline for {manifest.family} artifacts yet"
+        if why is None and kind == CUDA_BASELINE and not _torch_cuda(profile):
+            why = "needs an NVIDIA GPU and a CUDA build of torch"
         variants.append(BenchVariant(kind, kind, skip_reason=why, notes=notes if not why else ()))
-    profile = detect()
+    return variants + artifact_variants
+
+
+def _torch_cuda(profile: Any) -> bool:
+    torch = profile.runtime("torch")
+    return profile.has_cuda and torch is not None and torch.detail.startswith("cuda")
+
+
+def _artifact_variants(
+    manifest: Manifest, profile: Any, requested: Sequence[str], prefer: Sequence[str]
+) -> tuple[list[BenchVariant], bool]:
+    """The artifact's bench variants, and whether any of them runs a component on CUDA."""
+    from kiln.errors import KilnError
+    from kiln.profiles.select import Policy, select
+
+    variants: list[BenchVariant] = []
+    on_cuda = False
     texts = list(dict.fromkeys(requested)) or default_variants(manifest)
     prefer = tuple(dict.fromkeys(p.strip() for p in prefer if p.strip()))
     if prefer and "auto" not in texts:
@@ -185,12 +208,13 @@ def plan_variants(
             require, preferred = _constraints(text, manifest)
             if text == "auto":
                 preferred = prefer
-            select(manifest, profile, Policy.from_strings(preferred, require))
+            plan = select(manifest, profile, Policy.from_strings(preferred, require))
+            on_cuda = on_cuda or any(c.device.startswith("cuda") for c in plan.choices)
             reason = None
         except KilnError as exc:
             require, preferred, reason = (), (), f"not runnable here: {exc}"
         variants.append(BenchVariant(text, "artifact", require, preferred, reason))
-    return variants
+    return variants, on_cuda
 
 
 def family_workload(family: Any, manifest: Manifest, **options: Any) -> Any:
@@ -267,10 +291,14 @@ def run_bench(
     record: bool = False,
     on_event: Callable[[Event], None] | None = None,
     worker_command: Sequence[str] | None = None,
+    abandon: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure every planned variant, write the JSON (after each variant) and return it.
 
     `objective` is passed to `kiln.load()` for the artifact's variants (each plan records it).
+    `abandon` (kiln optimize) is the best run measured so far: an artifact variant whose
+    first measured call is clearly slower everywhere (`kiln.bench.worker.cannot_win`) stops
+    there, skipped with that reason.
 
     `worker_command` replaces `python -m kiln.bench.worker` (another interpreter, or a
     wrapper); the request file path is appended to it.
@@ -338,6 +366,7 @@ def run_bench(
                 },
                 "workload": workload.to_dict(),
                 "objective": objective,
+                "abandon": None if variant.is_baseline else abandon,
                 "images_dir": str(images_dir),
                 "result": str(scratch / f"{variant.slug}.result.json"),
             }
@@ -439,6 +468,9 @@ def _case_figures(
         if calls and never and name in never:
             why = never[name]
         figures[name] = _timing(samples, "ms", fingerprint, why)
+    derived = getattr(family, "derived_samples", lambda calls: {})(calls)
+    for name, samples in derived.items():
+        figures[name] = _timing(samples, names[name], fingerprint, missing)
     e2e = [call["seconds"] * 1000 for call in calls]
     figures["end_to_end_ms"] = _timing(e2e, "ms", fingerprint, missing)
     rate_name, rate_unit, counted = getattr(family, "THROUGHPUT", THROUGHPUT)

@@ -36,6 +36,7 @@ CAPTION_COLUMNS = (
     ("vision enc", "vision_encoder_ms", "case"),
     ("cross-attn kv", "cross_attention_kv_ms", "case"),
     ("decoder/step", "decoder_step_ms", "case"),
+    ("decode/step", "decode_step_ms", "case"),
     ("end to end", "end_to_end_ms", "case"),
     ("tokens/s", "throughput_tokens_per_s", "case"),
     ("peak RSS", "peak_rss_bytes", "variant"),
@@ -45,6 +46,12 @@ CAPTION_COLUMNS = (
     ("BLEU", "drift_bleu", "case"),
     ("caption accuracy", "caption_accuracy", "variant"),
 )
+
+
+def plot_label(variant_id: str) -> str:
+    """A variant's name on a plot: a per-component list (`unet/openvino/int8,...`, as kiln
+    optimize benches its plans) one component a line, so neighbouring labels stay apart."""
+    return variant_id.replace(",", "\n")
 
 
 def _captioning(report: dict[str, Any]) -> bool:
@@ -203,7 +210,7 @@ def plot_latency_vs_size(report: dict[str, Any], path: Path) -> Path:
                 [latency],
                 marker="o",
                 linestyle="",
-                label=f"{variant['id']} {case['case']}",
+                label=f"{plot_label(variant['id'])} {case['case']}",
             )
             if "drift_psnr_db" in case["figures"]:
                 drift = case["figures"]["drift_psnr_db"]
@@ -254,12 +261,50 @@ def plot_components(report: dict[str, Any], path: Path) -> Path:
             unet_total = unet["median"] * unet["calls_per_generate"] if unet else 0.0
             text = f["text_encoder_ms"]["value"] or 0.0
             vae = f["vae_decode_ms"]["value"] or 0.0
-            labels.append(f"{variant['id']}\n{case['case']}")
+            labels.append(f"{plot_label(variant['id'])}\n{case['case']}")
             parts["text encoder"].append(text)
             parts["unet (all steps)"].append(unet_total)
             parts["vae decode"].append(vae)
             parts["other"].append(max(0.0, total - text - unet_total - vae))
     return _stacked_bars(labels, parts, "median latency per generate call (ms)", path, plt)
+
+
+def plot_memory(report: dict[str, Any], path: Path) -> Path:
+    """Peak RSS and peak VRAM per variant, side by side; a variant without a VRAM figure
+    says why under its bar (no GPU, or GPU memory not measurable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = _ok(report)
+    labels = [plot_label(v["id"]) for v in variants]
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels) + 2), 4.5), dpi=100)
+    width = 0.4
+    for offset, (name, label) in enumerate(
+        (("peak_rss_bytes", "peak RSS"), ("peak_vram_bytes", "peak VRAM"))
+    ):
+        figures = [v["figures"][name] for v in variants]
+        xs = [i + (offset - 0.5) * width for i in range(len(variants))]
+        values = [(f["value"] or 0) / 2**30 for f in figures]
+        ax.bar(xs, values, width=width, label=label)
+        for x, figure in zip(xs, figures, strict=True):
+            if figure["value"] is None:
+                ax.annotate(
+                    _shorten(figure["reason"] or "not measured"),
+                    (x, 0),
+                    textcoords="offset points",
+                    xytext=(0, 4),
+                    rotation=90,
+                    fontsize=7,
+                    ha="center",
+                )
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("GiB")
+    ax.set_title("peak memory per variant (host RSS, GPU VRAM)")
+    if labels:
+        ax.legend(fontsize=8)
+    return save_figure(fig, plt, path)
 
 
 def _plot_caption_components(report: dict[str, Any], path: Path, plt: Any) -> Path:
@@ -284,7 +329,7 @@ def _plot_caption_components(report: dict[str, Any], path: Path, plt: Any) -> Pa
             )
             vision = f["vision_encoder_ms"]["value"] or 0.0
             cross = f["cross_attention_kv_ms"]["value"] or 0.0
-            labels.append(f"{variant['id']}\n{case['case']}")
+            labels.append(f"{plot_label(variant['id'])}\n{case['case']}")
             parts["vision"].append(vision)
             parts["cross-attention kv"].append(cross)
             parts["decoder (all steps)"].append(decoder)
@@ -325,12 +370,14 @@ def save_figure(fig: Any, plt: Any, path: Path) -> Path:
 
 
 def write_html_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
-    """bench.html + latency_vs_size.png + components.png in `folder` (images already there)."""
+    """bench.html + latency_vs_size.png + components.png + memory.png in `folder` (images
+    already there)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plots = {
         "latency": plot_latency_vs_size(report, folder / "latency_vs_size.png"),
         "components": plot_components(report, folder / "components.png"),
+        "memory": plot_memory(report, folder / "memory.png"),
     }
     page = folder / "bench.html"
     atomic_write_text(page, render_html(report))
@@ -380,6 +427,7 @@ drift against <b>{e(str(drift["variant"] or "-"))}</b> {e(drift["reason"] or "")
 <ul>{notes_html}</ul>
 <h2>latency against size</h2><img src="latency_vs_size.png" alt="latency against size">
 <h2>per-component time</h2><img src="components.png" alt="per-component stacked bars">
+<h2>peak memory</h2><img src="memory.png" alt="peak RSS and VRAM per variant">
 <h2>{"captioned images" if _captioning(report) else "generated images"} (first call, seed {drift.get("seed")})</h2>
 {"".join(gallery) or "<p>no images</p>"}
 </body></html>

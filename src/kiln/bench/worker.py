@@ -50,15 +50,24 @@ def emit(event: str, **data: Any) -> None:
 
 
 class VramMonitor:
-    """Peak GPU memory of this process: NVML (sampled) and torch's allocator, where present."""
+    """Peak GPU memory of this process: torch's allocator and NVML (sampled), where present.
+
+    torch counts only what its allocator hands out; onnxruntime and TensorRT allocate
+    outside it, so NVML is sampled too: this process's own use where the driver reports it
+    (`nvmlDeviceGetComputeRunningProcesses`), else, in containers whose process ids the
+    driver does not share, the devices' used memory above what it was before loading
+    (`nvmlDeviceGetMemoryInfo`; another process's allocations would count too).
+    """
 
     def __init__(self, gpus: int) -> None:
         self.gpus = gpus
         self.peak_nvml: int | None = None
+        self.peak_device: int | None = None
         self.notes: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handles: list[Any] = []
+        self._used_before = 0
 
     def start(self) -> None:
         if not self.gpus:
@@ -70,11 +79,15 @@ class VramMonitor:
             self._handles = [
                 pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
             ]
+            self._used_before = self._device_used(pynvml)
         except Exception as exc:  # missing package, no driver: say so and use torch only
             self.notes.append(f"NVML unavailable ({type(exc).__name__}: {exc})")
             return
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
+
+    def _device_used(self, pynvml: Any) -> int:
+        return sum(int(pynvml.nvmlDeviceGetMemoryInfo(h).used) for h in self._handles)
 
     def _sample(self) -> None:
         import pynvml
@@ -89,6 +102,10 @@ class VramMonitor:
                             used += int(proc.usedGpuMemory)
             if used:
                 self.peak_nvml = max(self.peak_nvml or 0, used)
+            with contextlib.suppress(Exception):
+                grown = self._device_used(pynvml) - self._used_before
+                if grown > 0:
+                    self.peak_device = max(self.peak_device or 0, grown)
 
     def stop(self) -> tuple[int | None, str | None, dict[str, int]]:
         """(peak bytes, reason when unknown, per-source peaks)."""
@@ -103,10 +120,17 @@ class VramMonitor:
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             sources["torch"] = int(torch.cuda.max_memory_allocated())
-        if not sources:
-            notes = "; ".join(self.notes) or "this variant used no GPU memory NVML could see"
-            return None, f"GPU present but peak VRAM unknown: {notes}", {}
-        return max(sources.values()), None, sources
+        if self.peak_device is not None:
+            sources["nvml_device"] = self.peak_device
+        # This process's own figures; without NVML's, the devices' growth stands in for what
+        # onnxruntime and TensorRT took outside torch.
+        counted = [sources[k] for k in ("nvml", "torch") if k in sources]
+        if "nvml" not in sources and "nvml_device" in sources:
+            counted.append(sources["nvml_device"])
+        if counted:
+            return max(counted), None, sources
+        notes = "; ".join(self.notes) or "this variant used no GPU memory NVML could see"
+        return None, f"GPU present but peak VRAM unknown: {notes}", {}
 
 
 def run(request: dict[str, Any]) -> int:
@@ -198,6 +222,12 @@ def run(request: dict[str, Any]) -> int:
                 record["calls"].append({**call, "components": components})
             done += 1
             emit("call", case=case.id, call=index, measured=measured, done=done, total=total)
+            why = cannot_win(request.get("abandon"), seconds, components) if measured else None
+            if why:
+                result.update(status="skipped", reason=why)
+                save()
+                emit("done", variant=variant["id"])
+                return 0
         save()
 
     measure_quality = getattr(module, "measure_quality", None)
@@ -218,6 +248,34 @@ def run(request: dict[str, Any]) -> int:
     save()
     emit("done", variant=variant["id"])
     return 0
+
+
+def cannot_win(
+    best: dict[str, Any] | None, seconds: float, components: dict[str, list[float]]
+) -> str | None:
+    """Why a variant cannot beat the best measured so far, judged on one measured call.
+
+    Only when the whole call and every component the best run also had are slower than the
+    best by more than `margin` (a plan mixing components could still use a faster one)."""
+    if not best:
+        return None
+    margin = 1.0 + best.get("margin", 0.25)
+    if seconds <= best["end_to_end_s"] * margin:
+        return None
+    slower = []
+    for name, best_ms in best.get("components", {}).items():
+        calls = components.get(name)
+        if not calls:
+            return None
+        ms = sorted(calls)[len(calls) // 2] * 1000
+        if ms <= best_ms * margin:
+            return None
+        slower.append(f"{name} {ms:.1f} ms vs {best_ms:.1f}")
+    components_text = f", every component slower ({', '.join(slower)})" if slower else ""
+    return (
+        f"cannot beat {best['label']}: its first measured call took {seconds:.3g} s against "
+        f"{best['end_to_end_s']:.3g} s{components_text}; not measured further"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kiln import __version__
 from kiln.artifacts import (
@@ -39,7 +40,10 @@ from kiln.models.sources import LoadedModel, load_source
 from kiln.models.spec import ComponentSpec, Precision
 from kiln.runtimes.pages import drop_mapped_pages
 
-TARGETS = ("onnx", "openvino", "torch")
+if TYPE_CHECKING:
+    from kiln.exporters.tensorrt import EngineOptions
+
+TARGETS = ("onnx", "openvino", "torch", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ def export(
     optimize: bool = False,
     with_attentions: bool = False,
     loras: Sequence[str | LoraFile] = (),
+    engines: EngineOptions | None = None,
     progress: ProgressCallback | None = None,
 ) -> Manifest:
     """Export `source` into the artifact folder `out` and return its manifest.
@@ -93,6 +98,11 @@ def export(
 
     `optimize=True` tries onnxruntime's graph fusions per component and keeps them only
     where they are measurably faster (the decision is recorded in the variant's options).
+
+    Target `tensorrt` builds engines (`engines`: precisions, shape range) from onnx fp32
+    variants: exported first from a source model, or those of an artifact given as `source`
+    (then `out` is that artifact). Where engines cannot be built (no NVIDIA GPU, no TensorRT)
+    it refuses before any work.
     """
     options = ExportOptions(
         tuple(targets), opset, exporter, check_parity, allow_parity_failure, optimize
@@ -100,6 +110,19 @@ def export(
     unknown = [t for t in options.targets if t not in TARGETS]
     if unknown:
         raise ExportError(f"unknown target {unknown[0]!r}; available targets: {', '.join(TARGETS)}")
+    with_engines = "tensorrt" in options.targets
+    if with_engines:
+        from kiln.exporters import tensorrt
+
+        engines = engines or tensorrt.EngineOptions()
+        tensorrt.check_can_build(precisions=engines.precisions)
+        if tensorrt.is_artifact(source):
+            return _engines_for_artifact(
+                source, out, options.targets, components, engines, progress
+            )
+        # Engines are built from the onnx fp32 variants, which this export writes.
+        onnx_first = ("onnx", *(t for t in options.targets if t != "tensorrt"))
+        options = replace(options, targets=tuple(dict.fromkeys(onnx_first)))
     out = check_output_folder(out, "export folder")
     lora_files = [x if isinstance(x, LoraFile) else LoraFile.parse(x) for x in loras]
     model = load_source(source, config=config)
@@ -121,6 +144,10 @@ def export(
             f"{model.source.id} has no decoder with attention outputs; --with-attentions is "
             "for BLIP and BLIP-2 captioning models"
         )
+    if with_engines:  # a range the specs refuse is refused before anything is written
+        tensorrt.engine_profiles(
+            {c: specs[c] for c in chosen}, model.family, model.model_info(), engines.shape_range
+        )
     # Optional components are described only once exported: a listed component has variants.
     described = {n: s for n, s in specs.items() if not s.optional or n in chosen}
     manifest = _open_manifest(out, model, described)
@@ -132,7 +159,33 @@ def export(
             manifest = manifest.with_variant(variant)
             write_manifest(out, manifest)
             report(ExportEvent(component, "done", index, len(chosen), _summary(variant)))
+    if with_engines:
+        manifest = tensorrt.build_engines(out, components=chosen, options=engines, progress=report)
     return manifest
+
+
+def _engines_for_artifact(
+    artifact: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    targets: Sequence[str],
+    components: Sequence[str] | None,
+    engines: EngineOptions,
+    progress: ProgressCallback | None,
+) -> Manifest:
+    """Engines built from an artifact's onnx fp32 variants go into that artifact."""
+    from kiln.exporters.tensorrt import build_engines
+
+    if Path(out).resolve() != Path(artifact).resolve():
+        raise ExportError(
+            f"TensorRT engines are added to the artifact they are built from: use -o {artifact}"
+        )
+    others = [t for t in targets if t != "tensorrt"]
+    if others:
+        raise ExportError(
+            f"{artifact} is an artifact: it takes --target tensorrt only ({others[0]} variants "
+            "are exported from the source model)"
+        )
+    return build_engines(artifact, components=components, options=engines, progress=progress)
 
 
 def _open_manifest(out: Path, model: LoadedModel, specs: dict[str, ComponentSpec]) -> Manifest:
@@ -346,6 +399,7 @@ def source_weight_locations(model: LoadedModel) -> list[Path]:
 #: Libraries whose versions bind a target's variants (they wrote or run them).
 TARGET_LIBRARIES = {
     "onnx": ("onnx", "onnxruntime"),
+    "tensorrt": ("onnx", "onnxruntime"),  # the typed graph's; TensorRT's is given by the build
     "openvino": ("openvino", "nncf"),
     "torch": ("safetensors", "torchao", "bitsandbytes"),
 }

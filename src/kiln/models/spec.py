@@ -24,6 +24,9 @@ class Precision(str, enum.Enum):
     FP16 = "fp16"
     BF16 = "bf16"
     INT8 = "int8"
+    # 8-bit floats (E4M3) in explicitly quantized TensorRT engines; GPUs of compute
+    # capability 8.9 and newer.
+    FP8 = "fp8"
     INT4 = "int4"
     NF4 = "nf4"
 
@@ -151,6 +154,7 @@ DEFAULT_TOLERANCES: Mapping[Precision, Tolerance] = {
     Precision.FP16: Tolerance(atol=1e-2, rtol=1e-2),
     Precision.BF16: Tolerance(atol=5e-2, rtol=5e-2),
     Precision.INT8: Tolerance(atol=1e-1, rtol=1e-1),
+    Precision.FP8: Tolerance(atol=1e-1, rtol=1e-1),
     Precision.INT4: Tolerance(atol=2e-1, rtol=2e-1),
     Precision.NF4: Tolerance(atol=2e-1, rtol=2e-1),
 }

@@ -28,6 +28,7 @@ from kiln.models.blip import (
 )
 from kiln.pipelines.attention_maps import TokenAttentions, token_attentions
 from kiln.pipelines.deployment import Deployment
+from kiln.pipelines.glue_threads import glue_on_one_thread
 from kiln.pipelines.options import take_aliases
 
 # Generation options passed through to transformers' generate() (after the checks below).
@@ -140,6 +141,7 @@ class CaptioningDeployment(Deployment):
 
     # ------------------------------------------------------------------------------ caption
 
+    @glue_on_one_thread
     def caption(
         self,
         images: Any,

@@ -113,7 +113,8 @@ def load(
     TOML file; by default the built-in target that matches `profile` is used.
     `objective` is `"latency"`, `"throughput"` or `"memory"`; `drift_budget` maps metric to
     limit (`{"psnr": 25}` or `["psnr=25"]`). Both default to what `kiln optimize` recorded in
-    the manifest (`manifest.selection`), else `"latency"` and `DEFAULT_DRIFT_BUDGET`.
+    the manifest (`manifest.selection`), else `"latency"` and `DEFAULT_DRIFT_BUDGET`; so do
+    OpenVINO's fixed-shape copies (`static_shapes`, see `kiln.runtimes.openvino`).
     `guard` wraps reduced-precision components in the NaN guard (`kiln.runtimes.guard`).
     Stable Diffusion only: `loras` (`{"FILE": 0.8}` or `["FILE:0.8"]`) are switched on at load
     without re-export (`Deployment.set_loras` changes them later); `embeddings` are
@@ -154,6 +155,11 @@ def load(
     sessions, deferred = {}, {}
     for choice in plan.choices:
         spec = ComponentSpec.from_dict(manifest.components[choice.component])
+        if choice.runtime == "openvino" and "static_shapes" in defaults:
+            # kiln optimize measured OpenVINO with fixed-shape copies for the shapes each
+            # component runs at: load them the way they were measured.
+            options = {"static_shapes": defaults["static_shapes"], **choice.options}
+            choice = replace(choice, options=options)
         opener = partial(_open_planned, root, manifest, choice, spec, guard)
         if spec.optional:
             deferred[choice.component] = opener

@@ -28,6 +28,7 @@ from kiln.models.stable_diffusion import (
     DiffusionModelInfo,
 )
 from kiln.pipelines.deployment import Deployment
+from kiln.pipelines.glue_threads import glue_on_one_thread
 from kiln.pipelines.lora_at_load import LoraRequest, WeightSwitch, lora_files
 from kiln.pipelines.options import take_aliases
 from kiln.pipelines.schedulers import canonical_name, make_scheduler
@@ -133,6 +134,9 @@ class DiffusionDeployment(Deployment):
         from kiln.runtimes.adapters import TextEncoderAdapter, UNetAdapter, VaeAdapter
 
         support = self.root / SUPPORT_DIR
+        # Every adapter reports the UNet's device: diffusers keeps latents and embeddings
+        # there, so a GPU denoising loop never leaves the GPU.
+        device = self.sessions[UNET].tensor_device if UNET in self.sessions else None
         scheduler_class = _scheduler_class(support)
         components: dict[str, Any] = {
             "scheduler": scheduler_class.from_pretrained(support / "scheduler"),
@@ -141,7 +145,7 @@ class DiffusionDeployment(Deployment):
         for name in (TEXT_ENCODER, TEXT_ENCODER_2):
             if name in self.sessions:
                 config = CLIPTextConfig.from_pretrained(support / name)
-                components[name] = TextEncoderAdapter(self.sessions[name], config)
+                components[name] = TextEncoderAdapter(self.sessions[name], config, device)
         if TEXT_ENCODER_2 in components:
             components["tokenizer_2"] = CLIPTokenizer.from_pretrained(support / "tokenizer_2")
         if (
@@ -154,12 +158,15 @@ class DiffusionDeployment(Deployment):
                 f"{self.root} lacks {', '.join(missing)}; export every component to generate"
             )
         components[UNET] = UNetAdapter(
-            self.sessions[UNET], FrozenDict(UNet2DConditionModel.load_config(support / "unet"))
+            self.sessions[UNET],
+            FrozenDict(UNet2DConditionModel.load_config(support / "unet")),
+            device,
         )
         components["vae"] = VaeAdapter(
             FrozenDict(AutoencoderKL.load_config(support / "vae")),
             self.sessions.get(VAE_ENCODER),
             self.sessions[VAE_DECODER],
+            device,
         )
         return components
 
@@ -200,6 +207,7 @@ class DiffusionDeployment(Deployment):
         scale = self.info.vae_scale_factor
         return dim.min * scale, dim.max * scale, dim.multiple_of * scale
 
+    @glue_on_one_thread
     def generate(
         self,
         prompt: str | Sequence[str],

@@ -21,6 +21,7 @@ from kiln.artifacts import SUPPORT_DIR
 from kiln.errors import InvalidRequestError
 from kiln.models.blip import MAX_IMAGES, MAX_TEXTS, TEXT_FEATURES, TEXT_MATCHING, VISION_ENCODER
 from kiln.pipelines.deployment import Deployment
+from kiln.pipelines.glue_threads import glue_on_one_thread
 
 RETRIEVAL_COMPONENTS = (VISION_ENCODER, TEXT_MATCHING, TEXT_FEATURES)
 
@@ -105,6 +106,7 @@ class RetrievalDeployment(Deployment):
             f"{self.root} holds a {self.architecture}; use match() or embed() for it"
         )
 
+    @glue_on_one_thread
     def match(self, image: Any, texts: str | Sequence[str]) -> MatchResult:
         """ITM probability and ITC similarity of `image` against each text."""
         import torch
@@ -130,6 +132,7 @@ class RetrievalDeployment(Deployment):
             seconds=time.perf_counter() - started,
         )
 
+    @glue_on_one_thread
     def embed(self, images: Any = None, texts: str | Sequence[str] | None = None) -> EmbedResult:
         """Normalized ITC features of any number of images and texts, for search indexes."""
         from kiln.pipelines.captioning import open_images

@@ -828,10 +828,12 @@ def _runtime_detail(name: str, module: Any) -> str:
 # torchao or bitsandbytes costs seconds, prints warnings, and, run from a probe thread beside
 # other imports of torch, breaks them ("Could not import module 'BlipProcessor'").
 _METADATA_ONLY = {
-    "tensorrt": "tensorrt",
-    "bitsandbytes": "bitsandbytes",
-    "nncf": "nncf",
-    "torchao": "torchao",
+    # The `tensorrt` module comes from `tensorrt` (NVIDIA's meta package) or directly from
+    # the CUDA-specific wheels on PyPI (`kiln[gpu]` installs tensorrt-cu12).
+    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+    "bitsandbytes": ("bitsandbytes",),
+    "nncf": ("nncf",),
+    "torchao": ("torchao",),
 }
 # Runtimes whose probes need the module itself; imported in the calling thread before any
 # probe thread starts, because concurrent first imports of torch-based packages are unsafe.
@@ -849,7 +851,7 @@ def _probe_runtime(name: str, notes: list[str]) -> RuntimeInfo:
             found = False
         if not found:
             return RuntimeInfo(name=name, available=False, detail="not installed")
-        version = _dist_version(_METADATA_ONLY[name])
+        version = next(filter(None, map(_dist_version, _METADATA_ONLY[name])), None)
         return RuntimeInfo(name=name, version=version, available=True, detail="installed")
     try:
         module = importlib.import_module(name)
@@ -1009,7 +1011,7 @@ _INSTALL_HINTS: dict[str, str] = {
     "onnxruntime-gpu": "pip install 'kiln[gpu]'",
     "openvino": "pip install 'kiln[openvino]'",
     "nncf": "pip install 'kiln[openvino]'",
-    "tensorrt": "pip install tensorrt (NVIDIA GPU only)",
+    "tensorrt": "pip install 'kiln[gpu]' (NVIDIA GPU only)",
     "torch": "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu",
     "bitsandbytes": "pip install bitsandbytes",
     "torchao": "pip install torchao",

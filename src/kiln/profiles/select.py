@@ -87,6 +87,7 @@ DEFAULT_PRECISION_ORDER = (
     Precision.BF16,
     Precision.FP16,
     Precision.INT8,
+    Precision.FP8,
     Precision.INT4,
     Precision.NF4,
 )
@@ -484,6 +485,8 @@ def _why_not_variant(
         and not named
     ):
         return f"{variant.precision.value} weights cannot take LoRAs at load"
+    if component in policy.weight_changes and variant.target == "tensorrt" and not named:
+        return "a TensorRT plan's weights are built in: it cannot take LoRAs at load"
     drift = drift_problem(variant, policy.drift_budget)
     if drift and not named:
         return f"drift {drift} (require it by name to use it anyway)"
@@ -548,6 +551,8 @@ def _place(
     )
     options = _derived_options(runtime, kind, policy.objective)
     options.update(target.options_for(variant.target, variant.precision, kind))
+    if runtime == "onnxruntime" and kind is DeviceKind.CUDA and options.get("tensorrt_provider"):
+        options.update(_tensorrt_provider(profile))
     return replace(
         cand,
         preferred=preferred,
@@ -569,6 +574,18 @@ def _derived_options(runtime: str, kind: DeviceKind, objective: Objective) -> di
         hint = "THROUGHPUT" if objective is Objective.THROUGHPUT else "LATENCY"
         return {"PERFORMANCE_HINT": hint}
     return {}
+
+
+def _tensorrt_provider(profile: HardwareProfile) -> dict[str, object]:
+    """onnxruntime's providers with TensorRT's first, or why it cannot be (the target asked)."""
+    if "TensorrtExecutionProvider" not in profile.onnxruntime_providers:
+        why = "onnxruntime has no TensorrtExecutionProvider (onnxruntime-gpu has it)"
+    elif not profile.has_runtime("tensorrt"):
+        why = f"TensorRT is not installed; {install_hint('tensorrt')}"
+    else:
+        providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        return {"providers": providers}
+    return {"tensorrt_provider": False, "tensorrt_provider_unavailable": why}
 
 
 def _cc(text: str | None) -> tuple[int, ...] | None:
@@ -631,6 +648,30 @@ def _resolve_device(
         if not (detail or "").lower().startswith("cuda"):
             return device, gpu, f"torch is not a CUDA build ({detail or 'unknown build'})"
     return device, gpu, ""
+
+
+def cuda_unavailable(profile: HardwareProfile) -> dict[str, str]:
+    """Per runtime that can use an NVIDIA GPU, why nothing is placed on one here (the checks
+    `_resolve_device` makes, without a variant); runtimes that can use one are left out."""
+    nvidia = any(g.vendor.lower() == "nvidia" for g in profile.gpus)
+    torch = profile.runtime("torch")
+    build = (torch.detail if torch is not None else "") or "unknown build"
+    out: dict[str, str] = {}
+    for runtime in ("tensorrt", "onnxruntime", "torch"):
+        reasons = [] if nvidia else ["no NVIDIA GPU"]
+        if runtime == "tensorrt" and not profile.has_runtime("tensorrt"):
+            reasons.append(f"tensorrt is not installed ({install_hint('tensorrt')})")
+        if runtime == "onnxruntime" and "CUDAExecutionProvider" not in (
+            profile.onnxruntime_providers
+        ):
+            reasons.append(
+                f"onnxruntime has no CUDAExecutionProvider ({install_hint('onnxruntime-gpu')})"
+            )
+        if runtime == "torch" and not build.lower().startswith("cuda"):
+            reasons.append(f"torch is not a CUDA build ({build})")
+        if reasons:
+            out[runtime] = "; ".join(reasons)
+    return out
 
 
 def _openvino_device(profile: HardwareProfile, wanted: str) -> tuple[str | None, None, str]:

@@ -88,25 +88,44 @@ def _split(count: int) -> int:
 def tap_inputs(sessions: Mapping[str, Session]) -> Iterator[dict[str, list[dict[str, np.ndarray]]]]:
     """Record (copies of) every input each session receives while the block runs.
 
-    Adapters hold their session objects, so the recording replaces `run` on the instance
-    itself and removes it afterwards; the class method is untouched.
+    Adapters hold their session objects, so the recording replaces `run` and
+    `run_on_device` (the way in of sessions that keep tensors on a GPU) on the instance
+    itself and removes them afterwards; the class methods are untouched. A call that goes
+    from one to the other (a host session's `run_on_device` calls `run`) is recorded once.
     """
     logs = {name: _CallLog() for name in sessions}
     for name, session in sessions.items():
-        names = set(session.spec.input_names)
-
-        def recording(inputs, _run=session.run, _log=logs[name], _names=names):
-            _log.offer({k: v for k, v in inputs.items() if k in _names})
-            return _run(inputs)
-
-        session.run = recording  # type: ignore[method-assign]
+        names, busy = set(session.spec.input_names), [False]
+        session.run = _recording(session.run, logs[name], names, busy, np.asarray)  # type: ignore[method-assign]
+        session.run_on_device = _recording(  # type: ignore[method-assign]
+            session.run_on_device, logs[name], names, busy, lambda v: v.detach().cpu().numpy()
+        )
     recorded: dict[str, list[dict[str, np.ndarray]]] = {}
     try:
         yield recorded
     finally:
         for session in sessions.values():
             vars(session).pop("run", None)
+            vars(session).pop("run_on_device", None)
         recorded.update({name: log.calls for name, log in logs.items()})
+
+
+def _recording(
+    run: Callable, log: _CallLog, names: set[str], busy: list[bool], to_numpy: Callable
+) -> Callable:
+    """`run`, recording its inputs in `log` unless a recorded call of the session is running."""
+
+    def recording(inputs: Mapping[str, Any]) -> Any:
+        if busy[0]:
+            return run(inputs)
+        busy[0] = True
+        try:
+            log.offer({k: to_numpy(v) for k, v in inputs.items() if k in names})
+            return run(inputs)
+        finally:
+            busy[0] = False
+
+    return recording
 
 
 class _CallLog:
@@ -212,10 +231,12 @@ def collect(
     prompts: str | Path | None = None,
     images: str | Path | None = None,
     steps: int = 4,
-    size: int | None = None,
+    size: int | tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> CalibrationSet:
-    """Run `deployment` (an fp32 plan) `count` times and record every component's inputs."""
+    """Run `deployment` (an fp32 plan) `count` times and record every component's inputs.
+
+    `size` is the image side in pixels, or (width, height)."""
     check_request(count, steps)
     report = progress or (lambda done, total: None)
     # The built-in models calibrate on their own world (training-side seeds, never the
@@ -229,16 +250,21 @@ def collect(
 
 
 def _collect_diffusion(
-    deployment: Any, prompts: Sequence[str], steps: int, size: int | None, report: Callable
+    deployment: Any,
+    prompts: Sequence[str],
+    steps: int,
+    size: int | tuple[int, int] | None,
+    report: Callable,
 ) -> CalibrationSet:
     size = size or deployment.default_size
-    workload = {"prompts": list(prompts), "steps": steps, "width": size, "height": size}
+    width, height = (size, size) if isinstance(size, int) else size
+    workload = {"prompts": list(prompts), "steps": steps, "width": width, "height": height}
     workload.update({"seeds": list(range(len(prompts))), "guidance_scale": 7.5})
     images = []
     with tap_inputs(deployment.sessions) as recorded:
         for index, prompt in enumerate(prompts):
             result = deployment.generate(
-                prompt, steps=steps, width=size, height=size, seed=index, guidance_scale=7.5
+                prompt, steps=steps, width=width, height=height, seed=index, guidance_scale=7.5
             )
             images.append(result.image)
             report(index + 1, len(prompts))

@@ -91,11 +91,22 @@ MATRIX: tuple[Cell, ...] = (
     Cell("torch", P.INT8, (M.WEIGHT_ONLY, M.DYNAMIC), "torchao Int8WeightOnly / Int8Dynamic"),
     Cell("torch", P.INT4, (M.WEIGHT_ONLY,), "torchao int4 weight-only (CPU path)"),
     Cell("torch", P.NF4, (M.WEIGHT_ONLY,), "bitsandbytes Linear4bit (nf4)"),
+    # TensorRT engines are built at their precision by `kiln export --target tensorrt
+    # --precision P` (kiln.exporters.tensorrt): strongly typed graphs, so fp16/bf16 are cast
+    # graphs and int8/fp8 explicit Q/DQ from kiln's calibration data.
     Cell(
         "tensorrt",
         P.FP16,
         (M.CAST,),
-        "TensorRT builder fp16",
+        "fp16 graph -> TensorRT engine (kiln export --target tensorrt)",
+        Requirement.CUDA,
+        "TensorRT engines build and run on NVIDIA GPUs only",
+    ),
+    Cell(
+        "tensorrt",
+        P.BF16,
+        (M.CAST,),
+        "bf16 graph -> TensorRT engine (kiln export --target tensorrt)",
         Requirement.CUDA,
         "TensorRT engines build and run on NVIDIA GPUs only",
     ),
@@ -103,17 +114,17 @@ MATRIX: tuple[Cell, ...] = (
         "tensorrt",
         P.INT8,
         (M.STATIC,),
-        "TensorRT ModelOpt int8 PTQ",
+        "int8 Q/DQ (onnxruntime.quantization) -> TensorRT engine (kiln export --target tensorrt)",
         Requirement.CUDA,
         "TensorRT engines build and run on NVIDIA GPUs only",
     ),
     Cell(
         "tensorrt",
-        P.INT4,
-        (M.WEIGHT_ONLY,),
-        "TensorRT ModelOpt int4 AWQ",
+        P.FP8,
+        (M.STATIC,),
+        "fp8 Q/DQ (onnxruntime.quantization) -> TensorRT engine (kiln export --target tensorrt)",
         Requirement.CUDA,
-        "TensorRT engines build and run on NVIDIA GPUs only",
+        "TensorRT engines build and run on NVIDIA GPUs of compute capability 8.9+ only",
     ),
 )
 del P, M
@@ -161,6 +172,8 @@ def packages_for(cell: Cell) -> tuple[str, ...]:
         return ("torchao",)
     if cell.target == "torch" and cell.precision is Precision.NF4:
         return ("bitsandbytes",)
+    if cell.target == "tensorrt":
+        return ("tensorrt", "onnxruntime")
     return ()
 
 

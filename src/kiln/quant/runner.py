@@ -100,6 +100,7 @@ def quantize_cells(
     artifact: str | os.PathLike[str],
     cells: Sequence[tuple[str, Precision | str, str | None]],
     *,
+    components: Sequence[str] = (),
     calibration: int = 8,
     steps: int = 4,
     size: int | None = None,
@@ -109,7 +110,7 @@ def quantize_cells(
     """Quantize every component for each `(target, precision, method)` in one go.
 
     One fp32 calibration run serves every cell, so their drift shares its reference
-    outputs (`kiln optimize`). Variants already finished (end-to-end drift recorded) are
+    outputs (`kiln optimize`). `components` default to every exported one. Variants already finished (end-to-end drift recorded) are
     skipped, so a rerun resumes. `before_each(variant_id)` runs before each job and may
     raise to stop between jobs; what was finished stays recorded.
     """
@@ -117,7 +118,9 @@ def quantize_cells(
     manifest = read_manifest(root)
     jobs: list[_Job] = []
     for target, precision, method in cells:
-        jobs += _plan_jobs(manifest, _precision(precision), [target], (), method, None, None, None)
+        jobs += _plan_jobs(
+            manifest, _precision(precision), [target], components, method, None, None, None
+        )
     finished = {v.id for v in manifest.variants if set(v.drift or {}) - {"component"}}
     jobs = [job for job in jobs if _variant_id(job) not in finished]  # a rerun resumes
     calib = dict(count=calibration, prompts=None, images=None, steps=steps, size=size)
@@ -147,13 +150,16 @@ def _run_jobs(
         return manifest
     calib = _calibrate(root, manifest, jobs, report=report, **calib_options)
     fp32_quality: dict[str, float] = {}  # measured once, on the first variant that needs it
+    # The fp32 outputs on the held-back calls, by source variant: computed once, shared by
+    # every cell quantized from that variant (kiln optimize builds several per component).
+    references: dict[str, list[dict[str, Any]]] = {}
     for index, job in enumerate(jobs, start=1):
         if before_each is not None:
             before_each(_variant_id(job))
-        variant = _quantize_one(root, job, calib, report, index, len(jobs))
+        variant = _quantize_one(root, job, calib, report, index, len(jobs), references)
         manifest = read_manifest(root).with_variant(variant)
         write_manifest(root, manifest)
-        variant = _with_end_to_end_drift(root, manifest, variant, calib, report, fp32_quality)
+        variant = end_to_end_drift(root, manifest, variant, calib, report, fp32_quality)
         manifest = read_manifest(root).with_variant(variant)
         write_manifest(root, manifest)
         report(QuantEvent("done", job.component, _summary(variant, job.source), index, len(jobs)))
@@ -188,6 +194,11 @@ def _plan_jobs(
         problem = cell_problem(cell(target, precision), profile)
         if problem:
             raise InvalidRequestError(f"cannot quantize {target}:{precision.value} here: {problem}")
+        if target == "tensorrt":
+            raise InvalidRequestError(
+                "TensorRT engines are built at their precision from the onnx fp32 variants: "
+                f"kiln export ARTIFACT -o ARTIFACT --target tensorrt --precision {precision.value}"
+            )
     names = list(components) or _exported(manifest)
     unknown = [c for c in names if c not in manifest.components]
     if unknown:
@@ -232,9 +243,36 @@ def _calibrate(
     report: QuantProgress,
 ) -> CalibrationSet:
     """Run the fp32 pipeline of the first job's target and record what every component sees."""
+    return calibrate(
+        root,
+        manifest,
+        jobs[0].source.target,
+        count=count,
+        prompts=prompts,
+        images=images,
+        steps=steps,
+        size=size,
+        progress=report,
+    )
+
+
+def calibrate(
+    root: Path,
+    manifest: Manifest,
+    target: str,
+    *,
+    count: int,
+    prompts: Any = None,
+    images: Any = None,
+    steps: int = 4,
+    size: int | tuple[int, int] | None = None,
+    progress: QuantProgress | None = None,
+) -> CalibrationSet:
+    """Run the artifact's fp32 `target` pipeline and record what every component sees
+    (also used by the TensorRT engine builds for their int8/fp8 ranges and their drift)."""
     from kiln.pipelines.deployment import load
 
-    target = jobs[0].source.target
+    report = progress or (lambda event: None)
     require = [f"{name}={target}:fp32" for name in _exported(manifest)]
     deployment = load(root, require=require, verify=False)
     report(QuantEvent("calibrate", detail=f"fp32 {target} pipeline", total=count))
@@ -254,7 +292,13 @@ def _calibrate(
 
 
 def _quantize_one(
-    root: Path, job: _Job, calib: CalibrationSet, report: QuantProgress, index: int, total: int
+    root: Path,
+    job: _Job,
+    calib: CalibrationSet,
+    report: QuantProgress,
+    index: int,
+    total: int,
+    references: dict[str, list[dict[str, Any]]],
 ) -> Variant:
     """Quantize into staging, measure component drift there, then move into place."""
     recipe, source = job.recipe, job.source
@@ -276,7 +320,7 @@ def _quantize_one(
         )
         seconds = time.perf_counter() - started
         report(QuantEvent("drift", job.component, "component outputs vs fp32", index, total))
-        component = _component_drift(root, job, graph, staging.path, calib)
+        component = _component_drift(root, job, graph, staging.path, calib, references)
     except BaseException:
         staging.discard()
         raise
@@ -306,17 +350,24 @@ def _quantize_one(
 
 
 def _component_drift(
-    root: Path, job: _Job, graph: QuantizedGraph, folder: Path, calib: CalibrationSet
+    root: Path,
+    job: _Job,
+    graph: QuantizedGraph,
+    folder: Path,
+    calib: CalibrationSet,
+    references: dict[str, list[dict[str, Any]]],
 ) -> dict[str, Any]:
     """Outputs of the fp32 and quantized sessions on held-back calls, one session at a time."""
     from kiln.runtimes import open_for_check
 
     calls = calib.held_out(job.component)
     target = job.recipe.target
-    reference = open_for_check(root / job.source.entry, job.spec, target, root=root)
-    expected = [reference.run(feeds) for feeds in calls]
-    del reference
-    release_memory()
+    expected = references.get(job.source.id)
+    if expected is None:
+        reference = open_for_check(root / job.source.entry, job.spec, target, root=root)
+        expected = references[job.source.id] = [reference.run(feeds) for feeds in calls]
+        del reference
+        release_memory()
     candidate = open_for_check(
         folder / graph.entry, job.spec, target, root=root, options=graph.runtime_options
     )
@@ -326,7 +377,7 @@ def _component_drift(
     return drift_metrics.component_drift(expected, actual)
 
 
-def _with_end_to_end_drift(
+def end_to_end_drift(
     root: Path,
     manifest: Manifest,
     variant: Variant,
@@ -334,7 +385,9 @@ def _with_end_to_end_drift(
     report: QuantProgress,
     fp32_quality: dict[str, float],
 ) -> Variant:
-    """Rerun the held-back workload with only `variant` swapped in; compare with fp32."""
+    """`variant` (already in `manifest`) with its end-to-end drift: the held-back workload
+    rerun with only `variant` swapped into the fp32 plan `calib` was recorded on, compared
+    with that plan's outputs. `fp32_quality` caches the fp32 plan's judged quality."""
     from kiln.pipelines.deployment import load
 
     report(QuantEvent("drift", variant.component, "end to end vs fp32"))
@@ -448,4 +501,4 @@ def _summary(variant: Variant, source: Variant) -> str:
     return f"{variant.id}: " + ", ".join(figures)
 
 
-__all__ = ["QuantEvent", "quantize", "quantize_cells"]
+__all__ = ["QuantEvent", "calibrate", "end_to_end_drift", "quantize", "quantize_cells"]

@@ -17,9 +17,17 @@ def open_session(root: Path, variant: Variant, spec: ComponentSpec, choice: Choi
     """Load `variant` (files already verified) as the plan's `choice` says."""
     path = root / variant.entry
     if choice.runtime == "onnxruntime":
-        from kiln.runtimes.onnxruntime import OnnxRuntimeSession
+        from kiln.runtimes.onnxruntime import OnnxRuntimeSession, execution_providers
 
-        return OnnxRuntimeSession(path, spec, providers=choice.options.get("providers"))
+        providers = execution_providers(
+            choice.options.get("providers") or ["CPUExecutionProvider"],
+            device=choice.device,
+            precision=variant.precision,
+            spec=spec,
+            model_path=path,
+            options=choice.options,
+        )
+        return OnnxRuntimeSession(path, spec, providers=providers)
     if choice.runtime == "openvino":
         from kiln.runtimes.openvino import OpenVinoSession
 
@@ -27,17 +35,32 @@ def open_session(root: Path, variant: Variant, spec: ComponentSpec, choice: Choi
         # A quantized variant's own settings win: its drift was measured with them.
         config = {k: v for k, v in choice.options.items() if k.isupper()}
         config.update(variant.options.get("openvino_config", {}))
+        static = choice.options.get("static_shapes")
         return OpenVinoSession(
             path,
             spec,
             device=choice.device.upper(),
             precision=variant.precision.value,
             config=config,
+            static_shapes=None if static is None else int(static),
+            shapes_key=f"{root.resolve()}::{spec.name}",
         )
     if choice.runtime == "torch":
         from kiln.runtimes.torch import TorchSession
 
-        return TorchSession(path, spec, root=root, device=choice.device)
+        return TorchSession(
+            path, spec, root=root, device=choice.device, compile=bool(choice.options.get("compile"))
+        )
+    if choice.runtime == "tensorrt":
+        from kiln.runtimes.tensorrt import TensorRTSession
+
+        return TensorRTSession(
+            path,
+            spec,
+            built_for=variant.built_for,
+            device=choice.device,
+            cuda_graph=bool(choice.options.get("cuda_graph", False)),
+        )
     raise BackendUnavailableError(f"runtime {choice.runtime} is not available in this kiln build")
 
 
@@ -62,9 +85,13 @@ def open_for_check(
         precision = "fp32" if "INFERENCE_PRECISION_HINT" not in config else ""
         return OpenVinoSession(path, spec, precision=precision, config=config, use_cache=False)
     if target == "torch":
-        from kiln.runtimes.torch import TorchSession
+        from kiln.runtimes.torch import TorchSession, check_device
 
-        return TorchSession(path, spec, root=root)
+        return TorchSession(path, spec, root=root, device=check_device(path))
+    if target == "tensorrt":
+        from kiln.runtimes.tensorrt import TensorRTSession
+
+        return TensorRTSession(path, spec, built_for=options.get("built_for"))
     from kiln.runtimes.onnxruntime import OnnxRuntimeSession
 
     return OnnxRuntimeSession(path, spec, low_memory=True)

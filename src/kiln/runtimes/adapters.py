@@ -4,6 +4,11 @@ Each adapter is an `nn.Module` without parameters that exposes the attributes th
 pipelines read (`config`, `dtype`, `device`, and a few structural ones) and whose
 `forward` runs a `Session`. Everything else (schedulers, guidance, img2img, inpainting)
 stays in diffusers.
+
+An adapter reports the device the pipeline should keep its tensors on (the UNet session's
+`tensor_device`, passed to every adapter of a pipeline): diffusers then makes latents and
+embeddings there, and each session's `run_torch` returns its outputs there, so a GPU
+denoising loop stays on the GPU. Tensors stay float32, as the sessions' specs declare.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from kiln.runtimes.base import Session
 
 
 class SessionModule(torch.nn.Module):
-    """An `nn.Module` facade with no weights: fp32 in and out, on the CPU from torch's view."""
+    """An `nn.Module` facade with no weights: fp32 in and out, on `device` from torch's view."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
+        self._device = device if device is not None else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -30,7 +36,7 @@ class SessionModule(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        return self._device
 
     def to(self, *args: Any, **kwargs: Any) -> SessionModule:
         # Pipelines move and cast modules (e.g. upcasting a VAE); sessions keep their own
@@ -44,8 +50,8 @@ class SessionModule(torch.nn.Module):
 
 
 class UNetAdapter(SessionModule):
-    def __init__(self, session: Session, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, session: Session, config: Any, device: torch.device | None = None) -> None:
+        super().__init__(config, device if device is not None else session.tensor_device)
         self.session = session
         in_features = config.get("projection_class_embeddings_input_dim")
         # SDXL pipelines check the additive-embedding width through this attribute path.
@@ -72,7 +78,8 @@ class UNetAdapter(SessionModule):
             ", ".join(sorted(unsupported)), any(v is not None for v in unsupported.values())
         )
         batch = sample.shape[0]
-        timesteps = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
+        timesteps = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device)
+        timesteps = timesteps.reshape(-1)
         if timesteps.numel() == 1:
             timesteps = timesteps.expand(batch)
         added = added_cond_kwargs or {}
@@ -89,8 +96,8 @@ class UNetAdapter(SessionModule):
 class TextEncoderAdapter(SessionModule):
     """CLIPTextModel or CLIPTextModelWithProjection, by which pooled output the graph has."""
 
-    def __init__(self, session: Session, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, session: Session, config: Any, device: torch.device | None = None) -> None:
+        super().__init__(config, device if device is not None else session.tensor_device)
         self.session = session
         self.with_projection = "text_embeds" in session.spec.output_names
 
@@ -129,8 +136,16 @@ class TextEncoderAdapter(SessionModule):
 class VaeAdapter(SessionModule):
     """AutoencoderKL from an encoder session (optional) and a decoder session."""
 
-    def __init__(self, config: Any, encoder: Session | None, decoder: Session | None) -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        config: Any,
+        encoder: Session | None,
+        decoder: Session | None,
+        device: torch.device | None = None,
+    ) -> None:
+        if device is None and decoder is not None:
+            device = decoder.tensor_device
+        super().__init__(config, device)
         self.encoder_session = encoder
         self.decoder_session = decoder
         self.use_tiling = False

@@ -1,14 +1,15 @@
 """Adapters for captioning: decoder sessions dressed as transformers generation models.
 
 `CompiledBlipTextDecoder` is a weightless `PreTrainedModel` + `GenerationMixin` with BLIP's
-text config. Its `forward` runs the exported decoder-with-past graph and keeps the
-key/values in a transformers `EncoderDecoderCache` (self-attention ones growing by a token
-per step, cross-attention ones of the image computed once by the `cross_attention_kv`
-session), as `BlipTextLMHeadModel` does, so `generate()` runs unmodified:
-greedy, beam search (the cache reorders itself between beams), sampling, length and
-repetition controls, several sequences per input. Only the new tokens go through the graph
-at each step. `CompiledOptForCausalLM` does the same for BLIP-2's OPT language model, whose
-graph takes embeddings (BLIP-2 writes the image's soft prompt into the first step's).
+text config. Its `forward` runs the exported decoder-with-past graph through a `KVStream`
+(`kiln.runtimes.kv_cache`): the self-attention key/values stay inside the runtime between
+steps, and the cross-attention key/values of the image (the `cross_attention_kv` session,
+run once per image, not per beam) are handed over once. generate() sees a
+`RuntimeKVCache`, which answers its length and its beam reorders, so `generate()` runs
+unmodified: greedy, beam search, sampling, length and repetition controls, several
+sequences per input. Only the new tokens go through the graph at each step.
+`CompiledOptForCausalLM` does the same for BLIP-2's OPT language model, whose graph takes
+embeddings (BLIP-2 writes the image's soft prompt into the first step's).
 
 Transformers passes `position_ids` (from the attention mask) and `logits_to_keep` to models
 whose forward accepts them; these adapters accept them so generate() prepares exactly the
@@ -21,16 +22,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
 from transformers.models.blip.configuration_blip import BlipTextConfig
 from transformers.models.opt.configuration_opt import OPTConfig
 
 from kiln.errors import InvalidRequestError
-from kiln.models.blip import cache_argument, cross_names, past_names, present_names
-from kiln.runtimes.base import Session
+from kiln.models.blip import cache_argument, cross_names
+from kiln.runtimes.base import Session, to_numpy
+from kiln.runtimes.kv_cache import KVStream, row_groups
 
 
 class CompiledBlipTextDecoder(PreTrainedModel, GenerationMixin):
@@ -45,8 +48,6 @@ class CompiledBlipTextDecoder(PreTrainedModel, GenerationMixin):
         self.session = session
         self.cross_attention = cross_attention
         self.num_layers = config.num_hidden_layers
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
 
     # generate() reads the device and dtype off the model; it has no weights of its own.
     @property
@@ -78,32 +79,32 @@ class CompiledBlipTextDecoder(PreTrainedModel, GenerationMixin):
             raise InvalidRequestError("the BLIP text decoder needs image embeddings")
         if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
             raise InvalidRequestError("image embeddings are never padded in BLIP")
-        # As BlipTextEncoder: self-attention and cross-attention caches side by side; the
-        # cross-attention key/values of the image are computed on the first step only.
-        cache = cache if cache is not None else past_key_values
-        if not isinstance(cache, EncoderDecoderCache):
-            cache = EncoderDecoderCache(cache or DynamicCache(), DynamicCache())
-        cross = cache.cross_attention_cache
-        if cross.get_seq_length() == 0:
-            states = self.cross_attention.run_torch(encoder_hidden_states=encoder_hidden_states)
-            for layer, (key, value) in enumerate(cross_names(self.num_layers)):
-                cross.update(states[key], states[value], layer)
-                cache.is_updated[layer] = True
-        feed = {"input_ids": input_ids}
-        for layer, (key, value) in enumerate(cross_names(self.num_layers)):
-            feed[key], feed[value] = cross.layers[layer].keys, cross.layers[layer].values
-        logits, _ = run_with_past(
-            self.session,
-            feed,
-            input_ids.shape,
-            attention_mask,
-            position_ids,
-            cache.self_attention_cache,
-            self,
+        cache = runtime_cache(cache if cache is not None else past_key_values)
+        if cache is None:
+            cache = RuntimeKVCache(self._open_stream(encoder_hidden_states))
+        logits = run_step(
+            cache, {"input_ids": input_ids}, input_ids.shape, attention_mask, position_ids
         )
         return CausalLMOutputWithCrossAttentions(
             logits=_keep(logits, logits_to_keep), **{cache_argument(): cache}
         )
+
+    def _open_stream(self, encoder_hidden_states: torch.Tensor) -> KVStream:
+        """A stream whose constants are the image's cross-attention key/values.
+
+        generate() repeats each image's embeddings for its beams (or captions): the key/values
+        are computed once per image and repeated, and reorders within an image skip them.
+        """
+        rows = to_numpy(encoder_hidden_states, self.cross_attention.spec, "encoder_hidden_states")
+        groups = row_groups(rows)
+        firsts = np.unique(groups, return_index=True)[1]
+        states = self.cross_attention.run({"encoder_hidden_states": rows[firsts]})
+        constants = {
+            name: np.ascontiguousarray(states[name][groups])
+            for pair in cross_names(self.num_layers)
+            for name in pair
+        }
+        return self.session.open_kv_stream(constants, groups)
 
 
 class CompiledOptForCausalLM(PreTrainedModel, GenerationMixin):
@@ -118,9 +119,6 @@ class CompiledOptForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.session = session
         self.embeddings = embeddings
-        self.num_layers = config.num_hidden_layers
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
 
     device = CompiledBlipTextDecoder.device
     dtype = CompiledBlipTextDecoder.dtype
@@ -148,7 +146,9 @@ class CompiledOptForCausalLM(PreTrainedModel, GenerationMixin):
             raise InvalidRequestError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
-        cache = next((c for c in (cache, past_key_values) if c is not None), None) or DynamicCache()
+        cache = runtime_cache(cache if cache is not None else past_key_values)
+        if cache is None:
+            cache = RuntimeKVCache(self.session.open_kv_stream({}))
         if position_ids is None:
             # As OPTDecoder: positions count attended tokens (padding shifts them).
             past = cache.get_seq_length()
@@ -158,32 +158,56 @@ class CompiledOptForCausalLM(PreTrainedModel, GenerationMixin):
                 else torch.ones(inputs_embeds.shape[0], past + inputs_embeds.shape[1])
             )
             position_ids = (torch.cumsum(mask, dim=1) * mask - 1).long()[:, past:]
-        logits, cache = run_with_past(
-            self.session,
+        logits = run_step(
+            cache,
             {"inputs_embeds": inputs_embeds},
             inputs_embeds.shape[:2],
             attention_mask,
             position_ids,
-            cache,
-            self,
         )
         return CausalLMOutputWithPast(
             logits=_keep(logits, logits_to_keep), **{cache_argument(): cache}
         )
 
 
-def run_with_past(
-    session: Session,
+class RuntimeKVCache(Cache):
+    """generate()'s handle on a `KVStream`: its length and beam reorders; no tensors here."""
+
+    def __init__(self, stream: KVStream) -> None:
+        super().__init__(layers=[])
+        self.stream = stream
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.stream.length
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.stream.reorder(beam_idx.cpu().numpy())
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def runtime_cache(cache: Cache | None) -> RuntimeKVCache | None:
+    """The stream of an ongoing call, or None where generate() starts one (an empty cache)."""
+    if isinstance(cache, RuntimeKVCache):
+        return cache
+    if cache is not None and cache.get_seq_length() > 0:
+        raise InvalidRequestError(
+            "kiln's decoders keep their key/values inside the runtime: start without a cache"
+        )
+    return None
+
+
+def run_step(
+    cache: RuntimeKVCache,
     feed: dict[str, torch.Tensor],
     shape: tuple[int, ...],
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    cache: Cache | None,
-    model: Any,
-) -> tuple[torch.Tensor, Cache]:
-    """One decoder-with-past step: cached key/values in, the new ones appended to `cache`."""
+) -> torch.Tensor:
+    """One decoder-with-past step: the new tokens in, their logits out; the cache grows."""
     batch, length = shape
-    cache = cache if cache is not None else DynamicCache()
     past = cache.get_seq_length()
     if attention_mask is None:
         attention_mask = torch.ones(batch, past + length, dtype=torch.int64)
@@ -200,16 +224,9 @@ def run_with_past(
         "attention_mask": attention_mask[:, past:],
         "past_attention_mask": attention_mask[:, :past],
     }
-    empty = torch.zeros(batch, model.num_heads, 0, model.head_dim)
-    for layer, (key, value) in enumerate(past_names(model.num_layers)):
-        if past:
-            feed[key], feed[value] = cache.layers[layer].keys, cache.layers[layer].values
-        else:
-            feed[key] = feed[value] = empty
-    out = session.run_torch(**feed)
-    for layer, (key, value) in enumerate(present_names(model.num_layers)):
-        cache.update(out[key][:, :, past:], out[value][:, :, past:], layer)
-    return out["logits"], cache
+    spec = cache.stream.spec
+    out = cache.stream.step({name: to_numpy(value, spec, name) for name, value in feed.items()})
+    return torch.from_numpy(out["logits"])
 
 
 def _keep(logits: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

@@ -11,17 +11,20 @@ model has run, the pages of the weight files it copied from are given back
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kiln.artifacts import atomic_write_text
 from kiln.errors import ArtifactError, BackendUnavailableError
 from kiln.models.spec import ComponentSpec
 from kiln.runtimes.base import Session
+from kiln.runtimes.kv_cache import KVStream, cache_pairs
 from kiln.runtimes.pages import drop_mapped_pages
 
 PRECISION_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
@@ -62,6 +65,43 @@ def prune_cache(folder: Path, limit: int, keep: Iterable[Path] = ()) -> list[Pat
     return removed
 
 
+SHAPES_FILE = "static-shapes.json"
+#: Components whose shapes are remembered, at most (the oldest are forgotten first).
+REMEMBERED_COMPONENTS = 256
+
+
+def remembered_shapes(key: str | None) -> list[tuple]:
+    """The input shapes `key` (artifact folder and component) was compiled static for."""
+    if key is None:
+        return []
+    try:
+        entries = json.loads((cache_dir() / SHAPES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    shapes = entries.get(key, []) if isinstance(entries, dict) else []
+    return [tuple((name, tuple(dims)) for name, dims in shape) for shape in shapes]
+
+
+def remember_shapes(key: str | None, shape: tuple) -> None:
+    """Add a static shape set to `key`'s memory (last used last). Written atomically; two
+    processes writing at once lose one shape at worst, compiled static again later."""
+    if key is None:
+        return
+    path = cache_dir() / SHAPES_FILE
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        entries = {}
+    shapes = [s for s in remembered_shapes(key) if s != shape] + [shape]
+    entries.pop(key, None)  # the most recently used component last, the first forgotten
+    entries[key] = [[[name, list(dims)] for name, dims in s] for s in shapes[-8:]]
+    while len(entries) > REMEMBERED_COMPONENTS:
+        entries.pop(next(iter(entries)))
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(entries) + "\n")
+
+
 def default_static_shapes() -> int:
     """How many static-shape copies a session may compile ($KILN_OPENVINO_STATIC_SHAPES, 0).
 
@@ -86,7 +126,11 @@ class OpenVinoSession(Session):
         config: Mapping[str, Any] | None = None,
         use_cache: bool = True,
         static_shapes: int | None = None,
+        shapes_key: str | None = None,
     ) -> None:
+        """`static_shapes`: how many fixed-shape copies to compile (see `_request_for`);
+        `shapes_key` names the component across variants and processes (artifact folder and
+        component), so the shapes it ran at are compiled static from the start next time."""
         try:
             import openvino as ov
         except ImportError:
@@ -114,18 +158,40 @@ class OpenVinoSession(Session):
         self.device = device
         self.settings = settings
         self.static_shapes = default_static_shapes() if static_shapes is None else static_shapes
-        self._request = self._compile(None)
-        self._input_names = {port.get_any_name() for port in self._request.model_inputs}
+        # A deployed decoder-with-past runs as a stateful model (its cache kept inside); the
+        # plain graph, another copy of the weights, is compiled only if `run` is called.
+        self._pairs = cache_pairs(spec) if use_cache else ()
+        self._stateful = self._compile(None, self._make_stateful) if self._pairs else None
+        self._shapes_key = shapes_key if use_cache and not self._pairs else None
         self._static: OrderedDict[tuple, Any] = OrderedDict()
+        remembered = remembered_shapes(self._shapes_key) if self.static_shapes > 0 else []
+        for key in remembered[-self.static_shapes :]:
+            self._static[key] = self._compile(dict(key))
+        # With static copies for the shapes this component runs at, the dynamic graph is
+        # compiled only when another shape comes.
+        self._stateless = None if (self._pairs or self._static) else self._compile(None)
+        self._input_names = {
+            port.get_any_name() for port in self._core.read_model(self._path).inputs
+        }
         self._seen: Counter[tuple] = Counter()
-        self._ran: set[int] = set()
+        self._ran: set[object] = set()
         self._streams = 1
         if settings["PERFORMANCE_HINT"] == "THROUGHPUT":
             compiled = self._request.get_compiled_model()
             self._streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._queue: Any = None
 
-    def _compile(self, shapes: Mapping[str, tuple[int, ...]] | None) -> Any:
+    @property
+    def _request(self) -> Any:
+        if self._stateless is None:
+            self._stateless = self._compile(None)
+        return self._stateless
+
+    def _compile(
+        self,
+        shapes: Mapping[str, tuple[int, ...]] | None,
+        transform: Callable[[Any], None] | None = None,
+    ) -> Any:
         """An infer request on the dynamic model, or on a copy reshaped to fixed `shapes`."""
         try:
             model = self._core.read_model(self._path)
@@ -134,6 +200,13 @@ class OpenVinoSession(Session):
             if shapes:
                 model.reshape({name: list(shape) for name, shape in shapes.items()})
             settings = dict(self.settings)
+            if transform is not None:
+                transform(model)
+                # The cache state keeps the precision the graph computes in (OpenVINO would
+                # otherwise compress it to u8 on CPUs, away from the parity measured).
+                hint = settings.get("INFERENCE_PRECISION_HINT")
+                if hint in PRECISION_HINTS.values():
+                    settings["KV_CACHE_PRECISION"] = hint
             if self._replaced:  # a blob per LoRA combination would only fill the cache
                 settings.pop("CACHE_DIR", None)
             cache = Path(settings["CACHE_DIR"]) if "CACHE_DIR" in settings else None
@@ -162,7 +235,9 @@ class OpenVinoSession(Session):
         except ArtifactError:
             self._replaced = previous
             raise
-        self._request, self._queue = request, None
+        if self._pairs:
+            self._stateful = self._compile(None, self._make_stateful)
+        self._stateless, self._queue = request, None
         self._static.clear()
         self._seen.clear()
 
@@ -181,8 +256,11 @@ class OpenVinoSession(Session):
         if self.static_shapes < 1 or self._seen[key] < 2:
             return self._request
         self._static[key] = self._compile(dict(key))
+        remember_shapes(self._shapes_key, key)
         while len(self._static) > self.static_shapes:
             self._static.popitem(last=False)
+        if self._streams == 1:
+            self._stateless = None  # its weights, for the next new shape (from the cache)
         return self._static[key]
 
     @property
@@ -199,11 +277,24 @@ class OpenVinoSession(Session):
             ran = self._request_for(feed)
             results = ran.infer(feed)
             outputs = {port.get_any_name(): np.array(value) for port, value in results.items()}
-        if id(ran) not in self._ran:
-            # The first inference repacks the weights; the mapped originals are not read again.
-            self._ran.add(id(ran))
-            drop_mapped_pages(self._weight_files())
+        self._after_run(id(ran))
         return outputs
+
+    def _after_run(self, compiled: object) -> None:
+        if compiled not in self._ran:
+            # The first inference repacks the weights; the mapped originals are not read again.
+            self._ran.add(compiled)
+            drop_mapped_pages(self._weight_files())
+
+    def _make_stateful(self, model: Any) -> None:
+        make_stateful(model, self._pairs)
+
+    def open_kv_stream(
+        self, constants: Mapping[str, np.ndarray], groups: np.ndarray | None = None
+    ) -> KVStream:
+        if self._stateful is None:
+            return super().open_kv_stream(constants, groups)
+        return OpenVinoKVStream(self, constants, groups)
 
     def _run_split(self, feed: Mapping[str, np.ndarray], parts: int) -> dict[str, np.ndarray]:
         """One batch as `parts` requests on parallel streams (the THROUGHPUT hint's streams).
@@ -236,11 +327,98 @@ class OpenVinoSession(Session):
         return files
 
     def release_memory(self) -> None:
-        for request in (self._request, *self._static.values()):
-            request.get_compiled_model().release_memory()
+        for request in (self._stateless, self._stateful, *self._static.values()):
+            if request is not None:
+                request.get_compiled_model().release_memory()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "settings": dict(self.settings), "streams": self._streams}
+
+
+BEAM_IDX = "beam_idx"
+
+
+def make_stateful(model: Any, pairs: Iterable[tuple[str, str]]) -> None:
+    """Turn (past input, present output) pairs into state, with the beam reorder fused in.
+
+    As optimum-intel does for LLMs: a `beam_idx` input gathers the state's rows at the start
+    of each step (beam search's reorder, without the cache leaving the runtime), and each
+    state starts empty, with the batch of `attention_mask`, when a request is new.
+    """
+    import openvino as ov
+    from openvino import opset13
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    pairs = dict(pairs)
+    rows = model.input("attention_mask")
+    beam_idx = opset13.parameter(
+        name=BEAM_IDX, dtype=ov.Type.i32, shape=ov.PartialShape([rows.get_partial_shape()[0]])
+    )
+    beam_idx.output(0).get_tensor().add_names({BEAM_IDX})
+    model.add_parameters([beam_idx])
+    axis = opset13.constant(0)
+    for name in pairs:
+        port = model.input(name)
+        consumers = port.get_target_inputs()
+        gathered = opset13.gather(port, beam_idx, axis)
+        for consumer in consumers:
+            consumer.replace_source_output(gathered.output(0))
+    model.validate_nodes_and_infer_types()
+    apply_make_stateful_transformation(model, pairs)
+    batch = opset13.gather(
+        opset13.shape_of(rows, output_type="i64"), opset13.constant([0]), opset13.constant(0)
+    )
+    for op in model.get_ops():
+        if op.get_type_name() != "ReadValue":
+            continue
+        dims = [dim.min_length for dim in op.get_output_partial_shape(0)]
+        parts = [batch] + [opset13.constant(np.array([d], dtype=np.int64)) for d in dims[1:]]
+        zero = opset13.constant(0.0, dtype=op.get_output_element_type(0))
+        op.set_arguments([opset13.broadcast(zero, opset13.concat(parts, axis=0))])
+    model.validate_nodes_and_infer_types()
+
+
+class OpenVinoKVStream(KVStream):
+    """The cache as the state of a stateful model's infer request (one request per call).
+
+    The constants are set once on the request as shared memory; each step passes only the
+    per-step inputs and `beam_idx`, the pending beam reorder (identity when none).
+    """
+
+    def __init__(
+        self,
+        session: OpenVinoSession,
+        constants: Mapping[str, np.ndarray],
+        groups: np.ndarray | None = None,
+    ) -> None:
+        super().__init__(session.spec, constants, groups)
+        self.session = session
+        self._request = session._stateful.get_compiled_model().create_infer_request()
+        self._inputs = {port.get_any_name() for port in self._request.model_inputs}
+        self._outputs = [port.get_any_name() for port in self._request.model_outputs]
+        self._beam_idx: np.ndarray | None = None
+        self._constants_changed()
+
+    def _constants_changed(self) -> None:
+        import openvino as ov
+
+        for name, value in self.constants.items():
+            self._request.set_tensor(name, ov.Tensor(value, shared_memory=True))
+
+    def _step(self, inputs: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        feed = {k: np.ascontiguousarray(v) for k, v in inputs.items() if k in self._inputs}
+        feed[BEAM_IDX] = (
+            np.arange(batch, dtype=np.int32) if self._beam_idx is None else self._beam_idx
+        )
+        self._beam_idx = None
+        self._request.infer(feed, share_inputs=True, share_outputs=True)
+        self.session._after_run("stateful")  # every stream's request shares its weights
+        # Output tensors belong to the request and are overwritten by the next step.
+        return {name: np.array(self._request.get_tensor(name).data) for name in self._outputs}
+
+    def _reorder(self, beam_idx: np.ndarray) -> None:
+        order = beam_idx.astype(np.int32)
+        self._beam_idx = order if self._beam_idx is None else self._beam_idx[order]
 
 
 def _splittable(spec: ComponentSpec) -> bool:
