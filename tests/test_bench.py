@@ -188,6 +188,7 @@ def test_compare_flags_a_slowed_variant(bench, artifacts, tmp_path):
     assert same.exit_code == 0, same.output
 
 
+@pytest.mark.slow  # 50 s; the default run stays under 30 min
 def test_interrupt_leaves_a_valid_partial_report(artifacts, tmp_path):
     def stop_before_second(event):
         if event["event"] == "variant" and event["index"] == 1:

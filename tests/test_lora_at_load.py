@@ -118,6 +118,7 @@ def test_two_loras_then_switching_back_restores_the_base_exactly(
     assert np.array_equal(np.asarray(_generate(deployment)), base)
 
 
+@pytest.mark.slow  # 33 s; the default run stays under 30 min
 def test_cast_variants_take_loras_and_int8_refuses(both_targets, loras, reference_images, tmp_path):
     copy = tmp_path / "sd1"
     shutil.copytree(both_targets, copy)
@@ -169,6 +170,7 @@ def test_textual_inversion_token_gives_diffusers_image(
     assert psnr(_generate(deployment, prompt), plain) >= MIN_PSNR
 
 
+@pytest.mark.slow  # 33 s; the default run stays under 30 min
 def test_generate_cli_switches_a_lora_on_and_refuses_bad_ones(
     both_targets, loras, reference_images, tmp_path
 ):

@@ -208,6 +208,7 @@ def test_captioning_on_openvino_is_token_identical(tmp_path, monkeypatch, preset
         assert ours == theirs[0].tolist(), beams
 
 
+@pytest.mark.slow  # 30 s; the default run stays under 30 min
 def test_blip_matching_on_openvino(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image

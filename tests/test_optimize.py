@@ -105,6 +105,7 @@ def test_a_rerun_resumes_and_an_over_budget_candidate_is_never_picked(optimized)
     assert all(c.precision == "fp32" for c in kiln.load(out, verify=False).plan)
 
 
+@pytest.mark.slow  # 90 s; the default run stays under 30 min
 def test_budget_minutes_is_honoured_and_an_interrupted_build_resumes(both_targets, tmp_path):
     out = tmp_path / "sd1"
     result = optimize(both_targets, out, budget_minutes=0, **OPTIONS)
