@@ -19,8 +19,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from manifest_helpers import GIB, paper_variant
 
-from kiln.artifacts import FileEntry, Manifest, Variant
+from kiln.artifacts import Manifest, Variant
 from kiln.models.spec import ComponentSpec, Dim, DType, Precision, TensorSpec
 from kiln.profiles.hardware import CpuInfo, GpuInfo, HardwareProfile, MemoryInfo, RuntimeInfo
 from kiln.profiles.select import select
@@ -29,7 +30,6 @@ from kiln.runtimes.base import Session, same_device
 from kiln.runtimes.guard import GuardedSession, all_finite
 
 ROOT = Path(__file__).resolve().parents[1]
-GIB = 1024**3
 META = torch.device("meta")
 CPU = torch.device("cpu")
 
@@ -202,20 +202,6 @@ def _profile(gpu: GpuInfo, providers: str, tensorrt: bool = False) -> HardwarePr
     )
 
 
-def _variant(component: str, target: str, precision: str, gib: float) -> Variant:
-    path = f"{component}/{target}-{precision}/model"
-    return Variant(
-        component=component,
-        target=target,
-        precision=Precision(precision),
-        files=(FileEntry(path=path, sha256="0" * 64, size=int(gib * GIB)),),
-        entry=path,
-        versions={},
-        shape_profile={},
-        drift={"psnr": 35.0} if precision != "fp32" else None,
-    )
-
-
 def _manifest(*variants: Variant) -> Manifest:
     return Manifest(
         family="stable-diffusion",
@@ -227,9 +213,9 @@ def _manifest(*variants: Variant) -> Manifest:
 
 
 SD15_ON_GPU = _manifest(
-    _variant("unet", "onnx", "fp16", 1.6),
-    _variant("unet", "onnx", "fp32", 3.2),
-    _variant("unet", "torch", "fp16", 1.6),
+    paper_variant("unet", "onnx", "fp16", 1.6),
+    paper_variant("unet", "onnx", "fp32", 3.2),
+    paper_variant("unet", "torch", "fp16", 1.6),
 )
 CUDA_ORT = "CUDAExecutionProvider, CPUExecutionProvider"
 WITH_TRT = "TensorrtExecutionProvider, " + CUDA_ORT
@@ -262,7 +248,7 @@ def test_onnxruntime_on_cuda_gets_cuda_options_and_tensorrt_only_when_asked():
     assert missing["unet"].options["providers"][0] == "CUDAExecutionProvider"
     assert "TensorRT is not installed" in missing["unet"].options["tensorrt_provider_unavailable"]
     torch_plan = select(
-        _manifest(_variant("unet", "torch", "fp16", 1.6)), _profile(_gpu(20), CUDA_ORT)
+        _manifest(paper_variant("unet", "torch", "fp16", 1.6)), _profile(_gpu(20), CUDA_ORT)
     )
     assert torch_plan["unet"].options == {"compile": False}
     assert builtin_target("nvidia-gpu").name == "nvidia-gpu"

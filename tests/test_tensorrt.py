@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from cli_helpers import assert_user_error, run_kiln
+from manifest_helpers import GIB, paper_variant
 
 from kiln.artifacts import FileEntry, Manifest, Variant, read_manifest, write_manifest
 from kiln.errors import BackendUnavailableError, ExportError, InvalidRequestError
@@ -36,7 +37,6 @@ from kiln.profiles.hardware import CpuInfo, GpuInfo, HardwareProfile, MemoryInfo
 from kiln.profiles.select import Policy, cuda_unavailable, select
 from kiln.runtimes.tensorrt import TensorRTSession, plan_problem
 
-GIB = 1024**3
 TENSORRT = "11.4.0.106"
 
 
@@ -332,23 +332,6 @@ def _profile(gpus=(), trt=TENSORRT, torch="cuda 12.8") -> HardwareProfile:
     )
 
 
-def _variant(component, target, precision, gib, built_for=None, **kwargs) -> Variant:
-    path = f"{component}/{target}-{precision}/model"
-    if precision != "fp32":
-        kwargs.setdefault("drift", {"psnr": 32.0})
-    return Variant(
-        component=component,
-        target=target,
-        precision=Precision(precision),
-        files=(FileEntry(path=path, sha256="0" * 64, size=int(gib * GIB)),),
-        entry=path,
-        versions={},
-        shape_profile={},
-        built_for=built_for,
-        **kwargs,
-    )
-
-
 def _manifest(*variants) -> Manifest:
     return Manifest(
         family="stable-diffusion",
@@ -361,11 +344,11 @@ def _manifest(*variants) -> Manifest:
 
 def _sd15(built_for) -> Manifest:
     return _manifest(
-        _variant("text_encoder", "onnx", "fp32", 0.47),
-        _variant("unet", "onnx", "fp32", 3.2),
-        _variant("unet", "onnx", "fp16", 1.6),
-        _variant("unet", "tensorrt", "fp16", 1.7, built_for=built_for),
-        _variant("vae_decoder", "onnx", "fp32", 0.19),
+        paper_variant("text_encoder", "onnx", "fp32", 0.47),
+        paper_variant("unet", "onnx", "fp32", 3.2),
+        paper_variant("unet", "onnx", "fp16", 1.6),
+        paper_variant("unet", "tensorrt", "fp16", 1.7, built_for=built_for),
+        paper_variant("vae_decoder", "onnx", "fp32", 0.19),
     )
 
 

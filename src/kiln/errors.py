@@ -40,3 +40,9 @@ class InvalidRequestError(KilnError):
 
 class OutputPathError(KilnError):
     """An output path cannot be written: a file where a folder must go, or the reverse."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's error text (or its type's name), to quote in one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

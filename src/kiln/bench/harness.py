@@ -18,12 +18,11 @@ with `make_runner`, `baseline_unavailable`, `baseline_notes`, `check_supported`,
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import re
 import shutil
-import subprocess
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +39,9 @@ from kiln.artifacts import (
     read_manifest,
     write_manifest,
 )
+from kiln.bench.worker import EVENT_PREFIX
 from kiln.bench.workload import Workload
+from kiln.child_process import log_tail, run_reporting
 from kiln.errors import InvalidRequestError
 
 REPORT_SCHEMA = "kiln.bench-report"
@@ -242,40 +243,13 @@ def _run_worker(
     variant: BenchVariant,
 ) -> int:
     """Run one worker, forwarding its progress events; the worker's chatter goes to the log."""
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(
-            [*command, str(request_path)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            bufsize=1,
-        )
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                if line.startswith("@@kiln-bench "):
-                    event = json.loads(line[len("@@kiln-bench ") :])
-                    on_event({**event, "variant": variant.id})
-                else:
-                    log.write(line)
-            return process.wait()
-        except BaseException:
-            # Ctrl-C (or a failing callback): stop the worker, politely first.
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(2)  # SIGINT: the worker saves what it has and exits
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            raise
-
-
-def _tail(path: Path, lines: int = 6) -> str:
-    with contextlib.suppress(OSError):
-        text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:])
-    return ""
+    return run_reporting(
+        [*command, str(request_path)],
+        log_path,
+        EVENT_PREFIX,
+        lambda event: on_event({**event, "variant": variant.id}),
+        stop_signal=signal.SIGINT,  # the worker saves what it has measured and exits
+    )
 
 
 def run_bench(
@@ -379,7 +353,9 @@ def run_bench(
                 raw[variant.id] = _read_result(request["result"], "interrupted", "interrupted")
                 raise
             raw[variant.id] = _read_result(
-                request["result"], "failed", f"worker exited with code {code}: {_tail(log_path)}"
+                request["result"],
+                "failed",
+                f"worker exited with code {code}: {log_tail(log_path, lines=6)}",
             )
             if code != 0 and raw[variant.id].get("status") == "ok":
                 raw[variant.id]["status"] = "failed"

@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from kiln import child_process
+
 EVENT_PREFIX = "@@kiln-bench "
 VERSIONED = (
     "kiln",
@@ -46,7 +48,7 @@ def library_versions() -> dict[str, str]:
 
 
 def emit(event: str, **data: Any) -> None:
-    print(EVENT_PREFIX + json.dumps({"event": event, **data}), flush=True)
+    child_process.emit(EVENT_PREFIX, event, **data)
 
 
 class VramMonitor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kiln.errors import ExportError
+from kiln.errors import ExportError, first_line
 from kiln.models.spec import ComponentSpec
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def export_onnx(
                     **kwargs,
                 )
     except Exception as exc:  # torch.onnx raises a wide range of types
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         raise ExportError(f"torch.onnx could not export {spec.name}: {message}") from exc
     model = onnx.load(str(path), load_external_data=False)
     _check_io_names(model, spec)

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kiln.errors import BackendUnavailableError, ExportError
+from kiln.errors import BackendUnavailableError, ExportError, first_line
 from kiln.exporters.onnx import ExportedGraph
 from kiln.models.spec import ComponentSpec, Dim
 
@@ -49,7 +49,7 @@ def export_openvino(module: torch.nn.Module, spec: ComponentSpec, folder: Path) 
             warnings.simplefilter("ignore")
             model = ov.convert_model(module, example_input=tuple(sample.values()), input=shapes)
     except Exception as exc:  # the frontend raises a wide range of types
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         raise ExportError(f"openvino could not convert {spec.name}: {message}") from exc
     for port, tensor in zip(model.inputs, spec.inputs, strict=True):
         port.get_tensor().set_names({tensor.name})

@@ -13,10 +13,8 @@ the precision, see `kiln.exporters.tensorrt_graph`), so no precision flag is set
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln import child_process
+from kiln.child_process import log_tail, run_reporting
 from kiln.errors import ExportError
 from kiln.exporters.tensorrt import InputProfile
 
@@ -92,7 +92,7 @@ def build_plan(request: BuildRequest, progress: Callable[[str], None]) -> BuiltP
             raise ExportError(failure["message"])
         if code != 0 or done is None:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            tail = _tail(log_path)
+            tail = log_tail(log_path, lines=3)
             raise ExportError(
                 f"TensorRT's build process {how} while building {request.component}'s engine; "
                 f"nothing was written{f' (last output: {tail})' if tail else ''}"
@@ -106,41 +106,15 @@ def _run_child(
     request_path: Path, log_path: Path, progress: Callable[[str], None]
 ) -> tuple[int, list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kiln.exporters.tensorrt_build", str(request_path)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            bufsize=1,
-        )
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                if not line.startswith(EVENT_PREFIX):
-                    log.write(line)
-                    continue
-                event = json.loads(line[len(EVENT_PREFIX) :])
-                events.append(event)
-                if event.get("event") == "progress":
-                    progress(event["text"])
-            return process.wait(), events
-        except BaseException:
-            # Ctrl-C or a failing callback: the child must not outlive the export.
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            raise
 
+    def on_event(event: dict[str, Any]) -> None:
+        events.append(event)
+        if event.get("event") == "progress":
+            progress(event["text"])
 
-def _tail(path: Path, lines: int = 3) -> str:
-    with contextlib.suppress(OSError):
-        text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-        return " | ".join(line.strip() for line in text[-lines:])
-    return ""
+    argv = [sys.executable, "-m", "kiln.exporters.tensorrt_build", str(request_path)]
+    # SIGTERM, not SIGINT: a child inside TensorRT's native build would not see SIGINT.
+    return run_reporting(argv, log_path, EVENT_PREFIX, on_event), events
 
 
 # ------------------------------------------------------------------------------- the child
@@ -151,7 +125,7 @@ class BuildFailure(Exception):
 
 
 def emit(event: str, **data: Any) -> None:
-    print(EVENT_PREFIX + json.dumps({"event": event, **data}), flush=True)
+    child_process.emit(EVENT_PREFIX, event, **data)
 
 
 def build(request: BuildRequest) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.errors import ExportError, KilnError
+from kiln.errors import ExportError, KilnError, first_line
 from kiln.models.spec import ComponentSpec, Precision
 
 if TYPE_CHECKING:
@@ -84,8 +84,7 @@ def typed_graph(
     except KilnError:
         raise
     except Exception as exc:  # onnx / onnxruntime.quantization raise anything from asserts up
-        text = str(exc).strip()
-        message = text.splitlines()[0] if text else type(exc).__name__
+        message = first_line(exc)
         raise ExportError(
             f"could not prepare {spec.name}'s {precision.value} graph for TensorRT: {message}"
         ) from exc

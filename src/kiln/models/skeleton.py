@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from kiln.artifacts import SUPPORT_DIR, read_json
-from kiln.errors import ArtifactError, UnsupportedModelError
+from kiln.errors import ArtifactError, UnsupportedModelError, first_line
 
 # Parameters a component's forward never reads, by family then component: the wrapper holds
 # a whole library model but the component uses part of it (a VAE wrapper holds both halves
@@ -138,9 +138,9 @@ def build_wrapper(
         with quiet_loggers(), parameters_on_meta():
             return builders[family](support, model_info, component).eval()
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ArtifactError(
-            f"cannot rebuild {component} from the configs in {support}: {first_line}"
+            f"cannot rebuild {component} from the configs in {support}: {reason}"
         ) from None
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.artifacts import read_json
-from kiln.errors import SourceError, UnsupportedModelError
+from kiln.errors import SourceError, UnsupportedModelError, first_line
 from kiln.models.sources import LoadedModel, SourceInfo, free_weights
 from kiln.models.spec import (
     DEFAULT_TOLERANCES,
@@ -370,10 +370,8 @@ class StableDiffusionModel(LoadedModel):
         try:
             pipeline = DiffusionPipeline.from_pretrained(path, dtype=torch.float32, **extra)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            first_line = (
-                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            )
-            raise SourceError(f"could not load the pipeline in {path}: {first_line}") from None
+            reason = first_line(exc)
+            raise SourceError(f"could not load the pipeline in {path}: {reason}") from None
         return cls(pipeline, source)
 
     def fuse_loras(self, loras: Sequence[LoraFile]) -> None:

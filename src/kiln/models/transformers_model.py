@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import SourceError
+from kiln.errors import SourceError, first_line
 from kiln.models.sources import LoadedModel, SourceInfo, free_weights
 from kiln.models.spec import ComponentSpec
 
@@ -44,9 +44,8 @@ class TransformersModel(LoadedModel):
             model = model_class.from_pretrained(path, dtype=torch.float32)
             processor = processor_class.from_pretrained(path)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            text = str(exc).strip()
-            first_line = text.splitlines()[0] if text else type(exc).__name__
-            raise SourceError(f"could not load the {what} model in {path}: {first_line}") from None
+            reason = first_line(exc)
+            raise SourceError(f"could not load the {what} model in {path}: {reason}") from None
         return model.eval(), processor
 
     def specs(self) -> dict[str, ComponentSpec]:

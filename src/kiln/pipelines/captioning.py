@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.artifacts import SUPPORT_DIR
-from kiln.errors import InvalidRequestError
+from kiln.errors import InvalidRequestError, first_line
 from kiln.models.blip import (
     CROSS_ATTENTION,
     MAX_BEAMS,
@@ -172,8 +172,7 @@ class CaptioningDeployment(Deployment):
         try:
             generated = self._generate(pictures, prompts, options, seed)
         except ValueError as exc:  # transformers validates generation options this way
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InvalidRequestError(f"invalid generation options: {first}") from None
+            raise InvalidRequestError(f"invalid generation options: {first_line(exc)}") from None
         sequences = generated.sequences
         per = options.get("num_return_sequences", 1)
         weights = self._attentions(generated, per) if attentions else None

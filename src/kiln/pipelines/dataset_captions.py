@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.artifacts import atomic_write_text
-from kiln.errors import InvalidRequestError
+from kiln.errors import InvalidRequestError, first_line
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -206,8 +206,7 @@ def _open(path: Path) -> Any:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+    return first_line(exc)[:200]
 
 
 def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.errors import ExportError, InvalidRequestError, KilnError
+from kiln.errors import ExportError, InvalidRequestError, KilnError, first_line
 from kiln.models.spec import ComponentSpec, Precision
 from kiln.quant.base import Feeds, QuantizedGraph, StepCallback
 from kiln.quant.recipes import DEFAULT_GROUP_SIZE, QuantMethod, QuantRecipe
@@ -127,8 +127,7 @@ def quantize_onnx(
     except KilnError:
         raise
     except Exception as exc:  # onnx / onnxruntime.quantization raise anything from asserts up
-        text = str(exc).strip()
-        message = text.splitlines()[0] if text else type(exc).__name__
+        message = first_line(exc)
         raise ExportError(
             f"onnxruntime could not quantize {spec.name} to {recipe.precision.value} "
             f"({recipe.method.value}): {message}"

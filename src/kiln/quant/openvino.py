@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.errors import BackendUnavailableError, ExportError, InvalidRequestError, KilnError
+from kiln.errors import (
+    BackendUnavailableError,
+    ExportError,
+    InvalidRequestError,
+    KilnError,
+    first_line,
+)
 from kiln.models.spec import ComponentSpec, Precision
 from kiln.quant.base import Feeds, QuantizedGraph, StepCallback
 from kiln.quant.recipes import DEFAULT_GROUP_SIZE, QuantMethod, QuantRecipe
@@ -472,11 +478,6 @@ def _inference_hint(recipe: QuantRecipe) -> str:
     return activation_precision(cpu_capabilities())
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def quantize_openvino(
     source: Path,
     entry: str,
@@ -519,7 +520,7 @@ def quantize_openvino(
     except KilnError:
         raise
     except Exception as exc:  # NNCF and OpenVINO raise many types, with long texts
-        raise ExportError(f"{label} failed: {_first_line(exc)}") from exc
+        raise ExportError(f"{label} failed: {first_line(exc)}") from exc
     details = {
         "openvino": ov.__version__,
         **details,

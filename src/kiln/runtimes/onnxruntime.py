@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.errors import ArtifactError, BackendUnavailableError
+from kiln.errors import ArtifactError, BackendUnavailableError, first_line
 from kiln.models.spec import ComponentSpec, Dim, Precision
 from kiln.runtimes.base import Session
 from kiln.runtimes.kv_cache import KVStream
@@ -102,7 +102,7 @@ class OnnxRuntimeSession(Session):
                 str(self._path), sess_options=options, providers=list(self._requested)
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = first_line(exc)
             raise ArtifactError(f"onnxruntime cannot load {self._path}: {message}") from None
 
     def stored_weights(self, names: Collection[str]) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kiln.artifacts import atomic_write_text
-from kiln.errors import ArtifactError, BackendUnavailableError
+from kiln.errors import ArtifactError, BackendUnavailableError, first_line
 from kiln.models.spec import ComponentSpec
 from kiln.runtimes.base import Session
 from kiln.runtimes.kv_cache import KVStream, cache_pairs
@@ -220,7 +220,7 @@ class OpenVinoSession(Session):
                 compiled = self._core.compile_model(model, self.device, settings)
             return compiled.create_infer_request()
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = first_line(exc)
             raise ArtifactError(f"OpenVINO cannot load {self._path}: {message}") from None
 
     def stored_weights(self, names: Collection[str]) -> dict[str, np.ndarray]:
