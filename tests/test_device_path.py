@@ -24,7 +24,7 @@ from manifest_helpers import GIB, paper_variant
 from kiln.artifacts import Manifest, Variant
 from kiln.models.spec import ComponentSpec, Dim, DType, Precision, TensorSpec
 from kiln.profiles.hardware import CpuInfo, GpuInfo, HardwareProfile, MemoryInfo, RuntimeInfo
-from kiln.profiles.select import select
+from kiln.profiles.select import Choice, select
 from kiln.profiles.targets import builtin_target, parse_target
 from kiln.runtimes.base import Session, same_device
 from kiln.runtimes.guard import GuardedSession, all_finite
@@ -308,11 +308,9 @@ def test_execution_providers_turn_plan_options_into_provider_options(tmp_path, m
     assert tensorrt_profile_options(SPEC, graph_inputs=set()) == {}
 
 
-def test_an_onnxruntime_without_cuda_runs_a_cuda_plan_on_the_cpu(tmp_path):
+def _doubling_model(folder: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
-
-    from kiln.runtimes.onnxruntime import OnnxRuntimeSession
 
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "x"], ["y"])],
@@ -320,8 +318,32 @@ def test_an_onnxruntime_without_cuda_runs_a_cuda_plan_on_the_cpu(tmp_path):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "side", "side"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, "side", "side"])],
     )
-    path = tmp_path / "model.onnx"
+    path = folder / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_plan_option_turns_onnxruntime_spinning_off(tmp_path):
+    from kiln.runtimes import open_session
+    from kiln.runtimes.onnxruntime import OnnxRuntimeSession
+
+    path = _doubling_model(tmp_path)
+    variant = replace(paper_variant("x", "onnx", "fp32", 0), entry=path.name)
+    choice = Choice("x", variant.id, "onnxruntime", "cpu", "test", {"spinning": False})
+    quiet = open_session(tmp_path, variant, SPEC, choice)
+    options = quiet._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    x = np.ones((1, 3, 2, 2), np.float32)
+    assert (quiet.run({"x": x})["y"] == 2).all()
+    default = OnnxRuntimeSession(path, SPEC)._session.get_session_options()
+    with pytest.raises(RuntimeError):  # not set: onnxruntime's default, spinning
+        default.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_an_onnxruntime_without_cuda_runs_a_cuda_plan_on_the_cpu(tmp_path):
+    from kiln.runtimes.onnxruntime import OnnxRuntimeSession
+
+    path = _doubling_model(tmp_path)
     providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     session = OnnxRuntimeSession(path, SPEC, providers=providers)
     assert session.device == "cpu" and session.tensor_device.type == "cpu"

@@ -379,6 +379,19 @@ intra_op_threads = 2
 """
 
 
+def test_onnxruntime_stops_spinning_only_beside_another_cpu_runtime():
+    mixed = select(
+        full_sd15(), PROFILES["amd-avx2"], Policy.from_strings(prefer=["unet=openvino", "onnx"])
+    )
+    assert mixed["unet"].runtime == "openvino" and mixed["unet"].device == "CPU"
+    assert picks(mixed)["text_encoder"][0].startswith("text_encoder/onnx/")
+    assert mixed["text_encoder"].options["spinning"] is False
+    assert "spinning" not in mixed["unet"].options
+    alone = select(full_sd15(), PROFILES["amd-avx2"], Policy.from_strings(prefer=["onnx"]))
+    assert {c.runtime for c in alone.choices} == {"onnxruntime"}
+    assert all("spinning" not in c.options for c in alone.choices)
+
+
 def test_user_target_file(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text(USER_TARGET)

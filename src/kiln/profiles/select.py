@@ -401,11 +401,28 @@ def select(
     for component in by_size:
         chosen[component] = _choose(component, candidates[component], policy, target, left, holders)
     return Plan(
-        tuple(chosen[c] for c in components),
+        _without_spinning_beside_others(tuple(chosen[c] for c in components)),
         target=target.name,
         objective=policy.objective.value,
         fingerprint=profile.fingerprint,
         notes=tuple(notes),
+    )
+
+
+def _without_spinning_beside_others(choices: tuple[Choice, ...]) -> tuple[Choice, ...]:
+    """onnxruntime's CPU threads spin for a while after each call, waiting for the next one;
+    beside another runtime on the CPU they take the cores that one needs (an OpenVINO BLIP
+    vision encoder right after an onnxruntime call: 256 ms, 233 ms with spinning off, 2
+    cores). So a plan that mixes runtimes on the CPU turns onnxruntime's spinning off. It
+    pays once per switch of runtime: a whole BLIP-base caption moved by less than its noise."""
+    on_cpu = {c.runtime for c in choices if c.device.lower() == "cpu"}  # OpenVINO says CPU
+    if "onnxruntime" not in on_cpu or len(on_cpu) == 1:
+        return choices
+    return tuple(
+        replace(c, options=MappingProxyType({**c.options, "spinning": False}))
+        if c.runtime == "onnxruntime" and c.device.lower() == "cpu"
+        else c
+        for c in choices
     )
 
 

@@ -27,7 +27,8 @@ def open_session(root: Path, variant: Variant, spec: ComponentSpec, choice: Choi
             model_path=path,
             options=choice.options,
         )
-        return OnnxRuntimeSession(path, spec, providers=providers)
+        spinning = bool(choice.options.get("spinning", True))
+        return OnnxRuntimeSession(path, spec, providers=providers, spinning=spinning)
     if choice.runtime == "openvino":
         from kiln.runtimes.openvino import OpenVinoSession
 

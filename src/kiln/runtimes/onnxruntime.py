@@ -47,11 +47,14 @@ class OnnxRuntimeSession(Session):
         providers: Sequence[str | tuple[str, Mapping[str, Any]]] | None = None,
         intra_op_threads: int | None = None,
         low_memory: bool = False,
+        spinning: bool = True,
     ) -> None:
         """`providers`: names, or (name, provider options) pairs (`execution_providers`).
 
         `low_memory` skips weight pre-packing and the memory arena: slower, but a
-        one-off run (a parity check) then needs about the model's size, not twice it."""
+        one-off run (a parity check) then needs about the model's size, not twice it.
+        `spinning=False` sends the worker threads to sleep between calls, for plans that
+        run another runtime on the same cores (`kiln.profiles.select`)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -59,7 +62,7 @@ class OnnxRuntimeSession(Session):
                 "onnxruntime is not installed: pip install onnxruntime"
             ) from None
         self._ort, self._path = ort, Path(model_path)
-        self._low_memory, self._threads = low_memory, intra_op_threads
+        self._low_memory, self._threads, self._spinning = low_memory, intra_op_threads, spinning
         available = ort.get_available_providers()
         chosen = [p for p in (providers or [CPU]) if _provider_name(p) in available]
         if not chosen:
@@ -95,6 +98,8 @@ class OnnxRuntimeSession(Session):
             options.enable_cpu_mem_arena = False
         if self._threads:
             options.intra_op_num_threads = self._threads
+        if not self._spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for name, value in self._replaced.items():
             options.add_initializer(name, value)
         try:
