@@ -50,6 +50,7 @@ def optimized(both_targets, tmp_path_factory):
     return out, result, events
 
 
+@pytest.mark.slow  # the optimize run behind it: 90-110 s
 def test_load_picks_the_measured_fastest_within_budget(optimized):
     out, result, _ = optimized
     manifest = read_manifest(out)
@@ -91,6 +92,7 @@ def test_load_picks_the_measured_fastest_within_budget(optimized):
     assert again["unet"]["reproduced"], again["unet"]  # the steadiest: most calls, longest
 
 
+@pytest.mark.slow  # the optimize run behind it: 90-110 s
 def test_a_rerun_resumes_and_an_over_budget_candidate_is_never_picked(optimized):
     out, _, _ = optimized
     before = {v.id: v.created for v in read_manifest(out).variants}
