@@ -12,8 +12,10 @@ import math
 import pathlib
 
 import pytest
+from manifest_helpers import GIB
+from manifest_helpers import paper_variant as variant
 
-from kiln.artifacts import FileEntry, Manifest, Parity, Variant
+from kiln.artifacts import Manifest, Parity, Variant
 from kiln.errors import BackendUnavailableError, InvalidRequestError
 from kiln.models.spec import Precision
 from kiln.profiles.hardware import (
@@ -46,28 +48,9 @@ from kiln.profiles.targets import (
     target_for,
 )
 
-GIB = 1024**3
 MIB = 1024**2
 
 # ----------------------------------------------------------------------------- builders
-
-
-def variant(component, target, precision, gib, **kwargs) -> Variant:
-    path = f"{component}/{target}-{precision}/model"
-    if precision != "fp32":
-        # As `kiln quantize` records it; drift-free quantized variants are never selected.
-        kwargs.setdefault("drift", {"psnr": 30.0})
-    files = (FileEntry(path=path, sha256="0" * 64, size=int(gib * GIB)),)
-    return Variant(
-        component=component,
-        target=target,
-        precision=Precision(precision),
-        files=files,
-        entry=path,
-        versions={},
-        shape_profile={},
-        **kwargs,
-    )
 
 
 def manifest(*variants, measurements=None) -> Manifest:

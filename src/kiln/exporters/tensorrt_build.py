@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from kiln import child_process
-from kiln.child_process import log_tail, run_reporting
 from kiln.errors import ExportError
 from kiln.exporters.tensorrt import InputProfile
 
@@ -92,7 +91,7 @@ def build_plan(request: BuildRequest, progress: Callable[[str], None]) -> BuiltP
             raise ExportError(failure["message"])
         if code != 0 or done is None:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            tail = log_tail(log_path, lines=3)
+            tail = child_process.log_tail(log_path, lines=3)
             raise ExportError(
                 f"TensorRT's build process {how} while building {request.component}'s engine; "
                 f"nothing was written{f' (last output: {tail})' if tail else ''}"
@@ -114,7 +113,7 @@ def _run_child(
 
     argv = [sys.executable, "-m", "kiln.exporters.tensorrt_build", str(request_path)]
     # SIGTERM, not SIGINT: a child inside TensorRT's native build would not see SIGINT.
-    return run_reporting(argv, log_path, EVENT_PREFIX, on_event), events
+    return child_process.run_reporting(argv, log_path, EVENT_PREFIX, on_event), events
 
 
 # ------------------------------------------------------------------------------- the child
