@@ -12,7 +12,7 @@ from cli_helpers import assert_user_error, run_kiln
 import kiln
 from kiln.artifacts import read_manifest
 from kiln.errors import InvalidRequestError
-from kiln.optimize import Candidate, frontier, optimize
+from kiln.optimize import REPRODUCE_TOLERANCE, Candidate, frontier, optimize, reproduction
 from kiln.profiles.select import drift_problem
 
 pytest.importorskip("nncf")
@@ -89,7 +89,29 @@ def test_load_picks_the_measured_fastest_within_budget(optimized):
     assert any(p["chosen"] for p in result.points)
     again = {row["component"]: row for row in result.reproduced}
     assert set(again) == {"text_encoder", "unet", "vae_decoder"}
-    assert again["unet"]["reproduced"], again["unet"]  # the steadiest: most calls, longest
+    # Whether a 5 ms tiny UNet's median repeats within 25 % is up to the machine's noise
+    # (4.7 against 6.1 ms once in CI), so this checks the re-bench ran on the chosen plan
+    # and judged its own figures; the verdict itself is tested below on fixed numbers.
+    assert (out / "optimize" / "chosen.json").stat().st_size > 0
+    for choice in plan:
+        if choice.component in again:
+            row = again[choice.component]
+            assert row["variant"] == choice.variant_id and row["again_ms"] > 0
+            assert row["reproduced"] == (abs(row["change"]) <= row["tolerance"]), row
+
+
+def test_reproduction_allows_the_noise_either_run_shows():
+    steady = {"median": 110.0, "p90": 112.0}
+    assert reproduction(100.0, 101.0, steady)["reproduced"]
+    assert reproduction(100.0, 101.0, steady)["tolerance"] == REPRODUCE_TOLERANCE
+    slower = reproduction(100.0, 101.0, {"median": 130.0, "p90": 131.0})
+    assert not slower["reproduced"] and slower["change"] == pytest.approx(0.30)
+    assert not reproduction(100.0, None, {"median": 70.0, "p90": 71.0})["reproduced"]
+    # A noisy run (its p90 20 % over its median) cannot call a 30 % change a difference.
+    noisy_again = reproduction(100.0, 101.0, {"median": 130.0, "p90": 156.0})
+    assert noisy_again["reproduced"] and noisy_again["tolerance"] == pytest.approx(0.40)
+    noisy_record = reproduction(100.0, 120.0, {"median": 130.0, "p90": 131.0})
+    assert noisy_record["reproduced"] and noisy_record["tolerance"] == pytest.approx(0.40)
 
 
 @pytest.mark.slow  # the optimize run behind it: 90-110 s

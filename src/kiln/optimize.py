@@ -564,26 +564,11 @@ def _verify(
     measured = read_manifest(root).measurements.get(report["hardware"]["fingerprint"], {})
     out = []
     for choice in plan:
-        again = components.get(choice.component, {}).get("median")
-        if choice.measured_ms is None or again is None:
-            continue
-        change = again / choice.measured_ms - 1.0
-        spread = [_spread(components[choice.component])]
+        again = components.get(choice.component, {})
         recorded = measured.get(choice.variant_id, {})
-        if recorded.get("p90_ms"):
-            spread.append(recorded["p90_ms"] / choice.measured_ms - 1.0)
-        tolerance = max(REPRODUCE_TOLERANCE, 2 * max(spread))
-        out.append(
-            {
-                "component": choice.component,
-                "variant": choice.variant_id,
-                "recorded_ms": choice.measured_ms,
-                "again_ms": again,
-                "change": change,
-                "tolerance": tolerance,
-                "reproduced": abs(change) <= tolerance,
-            }
-        )
+        if choice.measured_ms is not None and again.get("median") is not None:
+            row = reproduction(choice.measured_ms, recorded.get("p90_ms"), again)
+            out.append({"component": choice.component, "variant": choice.variant_id, **row})
     return out
 
 
@@ -615,6 +600,27 @@ def _faster_whole_plan(
     if best[1]["end_to_end_ms"] >= chosen_ms * (1 - WHOLE_PLAN_MARGIN):
         return None
     return best[0], best[1], chosen_ms
+
+
+def reproduction(
+    recorded_ms: float, recorded_p90_ms: float | None, again: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Whether a component's new median (`again`: median, p90) reproduces a recorded one.
+
+    The tolerance is REPRODUCE_TOLERANCE, or twice the noisier run's own p90 spread: a
+    run whose slow calls sit 20 % above its median cannot vouch for a 25 % difference."""
+    spread = [_spread(again)]
+    if recorded_p90_ms:
+        spread.append(recorded_p90_ms / recorded_ms - 1.0)
+    tolerance = max(REPRODUCE_TOLERANCE, 2 * max(spread))
+    change = again["median"] / recorded_ms - 1.0
+    return {
+        "recorded_ms": recorded_ms,
+        "again_ms": again["median"],
+        "change": change,
+        "tolerance": tolerance,
+        "reproduced": abs(change) <= tolerance,
+    }
 
 
 def _spread(stats: Mapping[str, Any]) -> float:
