@@ -404,6 +404,11 @@ def test_user_target_file(tmp_path):
         ("name = 'x'\norder = ['onnx']\n[match]\ngpu = ['nvidia']", "unknown [match] key"),
         ("name = 'x'\norder = ['onnx:fp9']", "unknown precision"),
         ("name = 'x'\norder = ['onnx']\nkind = 'tpu'", "kind must be"),
+        (
+            "name = 'x'\norder = ['onnx']\n[options.onnx]\nspinning = 'false'",
+            "spinning must be true",
+        ),
+        ("name = 'x'\norder = ['onnx']\ncpu_fallback = 1", "cpu_fallback must be true or false"),
     ],
 )
 def test_bad_target_files_say_why(text, fragment):

@@ -293,6 +293,17 @@ _TOP_KEYS = {
 }
 
 
+#: Plan options kiln itself reads as on/off; a TOML string "false" would read as true.
+SWITCHES = ("spinning", "compile", "cuda_graph")
+
+
+def _require_bool(values: Mapping[str, Any], key: str, where: str) -> None:
+    if key in values and not isinstance(values[key], bool):
+        raise InvalidRequestError(
+            f"{where}: {key} must be true or false (unquoted), not {values[key]!r}"
+        )
+
+
 @dataclass(frozen=True)
 class TargetProfile:
     """A named deployment target: when it applies, what to try first, which options to set."""
@@ -342,7 +353,10 @@ class TargetProfile:
         for pattern, values in options_raw.items():
             if not isinstance(values, Mapping):
                 raise InvalidRequestError(f'{where}: [options."{pattern}"] must be a table')
+            for switch in SWITCHES:
+                _require_bool(values, switch, f'{where}: [options."{pattern}"]')
             options.append((Placement.parse(pattern, where), MappingProxyType(dict(values))))
+        _require_bool(data, "cpu_fallback", where)
         return cls(
             name=name.strip(),
             order=order,
